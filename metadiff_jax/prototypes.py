@@ -1,0 +1,140 @@
+"""The prototype classifier: class statistics, the support loss of Eq. 11 and its gradient.
+
+All functions here work on one episode (vmap them for many): `support: [S, D]` features with
+`labels: [S]` ints in [0, N), and prototype weights `w: [N, D]`, one row per class. The logit
+functions broadcast over leading axes.
+
+The support loss is L(w) = c * sum_i ||w_{y_i} - f_i||^2 (Eq. 11), with c = 1 in the original
+code (`reduction="sum"`, the default) and c = 1/|S| in the paper's text (`reduction="mean"`).
+Its gradient has the closed form dL/dw_k = 2c (n_k w_k - sum_{i: y_i = k} f_i), where n_k is
+the number of support examples of class k; it needs only the class sums and counts, which are
+constant over an episode's reverse diffusion and so are computed once (`support_stats`).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+REDUCTIONS = ("sum", "mean")
+
+
+class SupportStats(NamedTuple):
+  """What the support-loss gradient needs of a support set.
+
+  Attributes:
+    sums: [N, D] per-class sums of the support features.
+    counts: [N] float number of support examples per class.
+  """
+
+  sums: jnp.ndarray
+  counts: jnp.ndarray
+
+
+def check_episode(support, labels, name: str = "support"):
+  """Raises a clear error at trace time for wrong ranks, lengths or label dtypes."""
+  if jnp.ndim(support) != 2:
+    raise ValueError(f"`{name}` must be [S, D] features, got shape {jnp.shape(support)}")
+  if jnp.ndim(labels) != 1 or jnp.shape(labels)[0] != jnp.shape(support)[0]:
+    raise ValueError(
+        f"`{name}_labels` must be [S] with S = {jnp.shape(support)[0]} to match `{name}`, "
+        f"got shape {jnp.shape(labels)}")
+  if not jnp.issubdtype(jnp.result_type(labels), jnp.integer):
+    raise TypeError(f"`{name}_labels` must hold integers, got {jnp.result_type(labels)}")
+
+
+def check_labels(labels, num_classes: int, name: str = "support_labels"):
+  """Raises ValueError if concrete `labels` fall outside [0, num_classes).
+
+  Under a trace the values are unknown; `support_stats` then turns out-of-range labels into
+  NaN statistics so that the error cannot pass silently.
+  """
+  if isinstance(labels, jax.core.Tracer):
+    return
+  values = np.asarray(labels)
+  if values.size and (values.min() < 0 or values.max() >= num_classes):
+    raise ValueError(
+        f"`{name}` must be ints in [0, {num_classes}) for {num_classes} classes, found values "
+        f"in [{values.min()}, {values.max()}]; relabel each episode's classes 0..N-1")
+
+
+def class_counts(labels, num_classes: int) -> jnp.ndarray:
+  """[N] float number of examples per class; out-of-range labels are not counted."""
+  return jax.ops.segment_sum(jnp.ones(jnp.shape(labels), jnp.float32), labels, num_classes)
+
+
+def class_sums(features, labels, num_classes: int) -> jnp.ndarray:
+  """[N, D] per-class sums of `features` [S, D] by a scatter-add."""
+  return jax.ops.segment_sum(features, labels, num_classes)
+
+
+def class_means(features, labels, num_classes: int) -> jnp.ndarray:
+  """[N, D] per-class means of `features` [S, D]; a class with no example gets zeros."""
+  counts = class_counts(labels, num_classes)
+  return class_sums(features, labels, num_classes) / jnp.maximum(counts, 1.0)[:, None]
+
+
+def support_stats(support, labels, num_classes: int) -> SupportStats:
+  """Class sums and counts of a support set; NaN everywhere if a label is outside [0, N)."""
+  check_episode(support, labels)
+  in_range = jnp.all((labels >= 0) & (labels < num_classes))
+  poison = jnp.where(in_range, 0.0, jnp.nan).astype(support.dtype)
+  sums = class_sums(support, labels, num_classes) + poison
+  counts = class_counts(labels, num_classes) + poison.astype(jnp.float32)
+  return SupportStats(sums=sums, counts=counts)
+
+
+def support_loss(w, support, labels, reduction: str = "sum") -> jnp.ndarray:
+  """Eq. 11: c * sum_i ||w_{y_i} - f_i||^2, c = 1 ("sum") or 1/|S| ("mean").
+
+  Args:
+    w: [N, D] prototype weights.
+    support: [S, D] support features.
+    labels: [S] ints in [0, N).
+    reduction: "sum" (the original code) or "mean" (the paper's text).
+
+  Returns:
+    A scalar.
+  """
+  check_episode(support, labels)
+  per_example = jnp.sum((w[labels] - support) ** 2, axis=-1)
+  return _reduction_factor(reduction, support.shape[0]) * jnp.sum(per_example)
+
+
+def support_loss_grad_from_stats(w, stats: SupportStats, reduction: str = "sum"):
+  """dL/dw of Eq. 11 in closed form, 2c (n_k w_k - sum_{y_i = k} f_i): [N, D]."""
+  scale = 2.0 * _reduction_factor(reduction, jnp.sum(stats.counts))
+  return scale * (stats.counts[:, None] * w - stats.sums)
+
+
+def support_loss_grad(w, support, labels, reduction: str = "sum") -> jnp.ndarray:
+  """dL/dw of Eq. 11 in closed form for `w` [N, D]; equals `jax.grad(support_loss)`."""
+  return support_loss_grad_from_stats(w, support_stats(support, labels, w.shape[0]), reduction)
+
+
+def cosine_logits(query, prototypes, scale: float = 10.0, eps: float = 1e-12) -> jnp.ndarray:
+  """scale * cos(query, prototype): [..., Q, D] x [..., N, D] -> [..., Q, N].
+
+  Norms are clamped below at `eps` (as `torch.nn.functional.normalize` does), so a zero
+  vector gives zero logits rather than NaN.
+  """
+  q = query / jnp.maximum(jnp.linalg.norm(query, axis=-1, keepdims=True), eps)
+  p = prototypes / jnp.maximum(jnp.linalg.norm(prototypes, axis=-1, keepdims=True), eps)
+  return scale * jnp.einsum("...qd,...nd->...qn", q, p)
+
+
+def euclidean_logits(query, prototypes) -> jnp.ndarray:
+  """-||query - prototype||^2: [..., Q, D] x [..., N, D] -> [..., Q, N]."""
+  return -jnp.sum((query[..., :, None, :] - prototypes[..., None, :, :]) ** 2, axis=-1)
+
+
+def _reduction_factor(reduction: str, num_support):
+  """c of Eq. 11: 1 for "sum", 1/|S| for "mean"."""
+  if reduction == "sum":
+    return 1.0
+  if reduction == "mean":
+    return 1.0 / num_support
+  raise ValueError(f"unknown support-loss reduction {reduction!r}: use one of {REDUCTIONS}")

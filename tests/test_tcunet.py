@@ -1,0 +1,126 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import assert_close_to_scale, episode
+from metadiff_jax import prototypes, tcunet
+
+
+@pytest.mark.parametrize("shots", [1, 5])
+def test_denoiser_matches_reference(ref, ref_model, shots):
+  model, variables = ref_model
+  eps = jax.vmap(model.apply, in_axes=(None, 0, 0, 0, 0))(
+      variables, episode(ref, shots, "eps_w"), episode(ref, shots, "eps_t"),
+      episode(ref, shots, "support"), episode(ref, shots, "support_labels"))
+  assert_close_to_scale(eps, ref[f"k{shots}/eps_out"], 1e-4)
+
+
+def test_parameters_mirror_the_original_names_and_shapes(ref_state_dict):
+  model = tcunet.TCUNet(feature_dim=512)
+  variables = model.init(jax.random.key(0), jnp.zeros((5, 512)), 0, jnp.zeros((5, 512)),
+                         jnp.arange(5))
+  params = variables["params"]
+  expected = {}
+  for name, value in ref_state_dict.items():
+    layer, kind = name.rsplit(".", 1)
+    layer = layer.replace(".", "_")
+    expected[(layer, "kernel" if kind == "weight" else "bias")] = value.T.shape
+  actual = {(layer, kind): leaf.shape for layer, leaves in params.items()
+            for kind, leaf in leaves.items()}
+  assert actual == expected
+
+
+def test_initialisation_follows_torch_linear():
+  model = tcunet.TCUNet(feature_dim=512)
+  params = model.init(jax.random.key(1), jnp.zeros((5, 512)), 0, jnp.zeros((5, 512)),
+                      jnp.arange(5))["params"]
+  kernel, bias = params["proto_inf1"]["kernel"], params["proto_inf1"]["bias"]
+  bound = 1 / np.sqrt(512)
+  assert float(jnp.abs(kernel).max()) <= bound and float(jnp.abs(bias).max()) <= bound
+  # U(-b, b) has standard deviation b / sqrt(3).
+  np.testing.assert_allclose(float(kernel.std()), bound / np.sqrt(3), rtol=0.02)
+
+
+@pytest.mark.parametrize("num_classes, dim, shots", [(2, 64, 1), (10, 64, 5), (3, 96, 2)])
+def test_other_sizes(num_classes, dim, shots):
+  model = tcunet.TCUNet(feature_dim=dim, hidden_dims=(48, 24), time_embed_dim=32)
+  rng = np.random.default_rng(0)
+  w = rng.standard_normal((num_classes, dim)).astype(np.float32)
+  support = rng.standard_normal((num_classes * shots, dim)).astype(np.float32)
+  labels = np.repeat(np.arange(num_classes), shots)
+  variables = model.init(jax.random.key(0), w, 3, support, labels)
+  assert variables["params"]["proto_inf2"]["kernel"].shape == (48, 24)
+  assert variables["params"]["time_emb5"]["kernel"].shape == (32, dim)
+  eps = model.apply(variables, w, 3, support, labels)
+  assert eps.shape == (num_classes, dim) and np.all(np.isfinite(eps))
+
+
+def test_time_embedding_layout():
+  e = tcunet.sinusoidal_time_embedding(417, 320)
+  freqs = 10000.0 ** (-np.arange(160) / 160)
+  np.testing.assert_allclose(e[:160], np.cos(417 * freqs), atol=2e-4)
+  np.testing.assert_allclose(e[160:], np.sin(417 * freqs), atol=2e-4)
+
+
+def test_call_equals_denoise_from_stats_and_gradient(ref, ref_model):
+  model, variables = ref_model
+  w, t = episode(ref, 5, "eps_w")[1], episode(ref, 5, "eps_t")[1]
+  support, labels = episode(ref, 5, "support")[1], episode(ref, 5, "support_labels")[1]
+  direct = model.apply(variables, w, t, support, labels)
+  stats = prototypes.support_stats(support, labels, 5)
+  via_stats = model.apply(variables, w, t, stats, method="denoise")
+  grad = prototypes.support_loss_grad(w, support, labels)
+  via_grad = model.apply(variables, grad, t, method="from_gradient")
+  np.testing.assert_allclose(direct, via_stats, rtol=1e-6)
+  np.testing.assert_allclose(direct, via_grad, rtol=1e-6)
+
+
+def test_mean_reduction_feeds_the_mean_loss_gradient(ref, ref_model):
+  model, variables = ref_model
+  mean_model = model.clone(loss_reduction="mean")
+  w, t = episode(ref, 5, "eps_w")[0], episode(ref, 5, "eps_t")[0]
+  support, labels = episode(ref, 5, "support")[0], episode(ref, 5, "support_labels")[0]
+  grad = prototypes.support_loss_grad(w, support, labels, reduction="mean")
+  np.testing.assert_allclose(mean_model.apply(variables, w, t, support, labels),
+                             model.apply(variables, grad, t, method="from_gradient"), rtol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def small():
+  model = tcunet.TCUNet(feature_dim=16, time_embed_dim=8)
+  w, support, labels = jnp.zeros((3, 16)), jnp.ones((6, 16)), jnp.array([0, 1, 2, 0, 1, 2])
+  return model, model.init(jax.random.key(0), w, 0, support, labels), w, support, labels
+
+
+@pytest.mark.parametrize("change, exc, match", [
+    (dict(w=jnp.zeros((3, 8))), ValueError, r"`w_t` must be \[N, D\].*16"),
+    (dict(w=jnp.zeros((2, 3, 16))), ValueError, "`w_t`"),
+    (dict(support=jnp.ones((6, 8))), ValueError, "feature dim 8"),
+    (dict(support=jnp.ones((6,))), ValueError, "`support`"),
+    (dict(labels=jnp.array([0, 1, 2])), ValueError, "support_labels"),
+    (dict(labels=jnp.zeros(6)), TypeError, "integers"),
+    (dict(t=0.5), TypeError, "`t` must be an integer scalar"),
+    (dict(t=jnp.array([1, 2])), TypeError, "`t` must be an integer scalar"),
+    (dict(labels=jnp.array([0, 1, 2, 3, 1, 2])), ValueError, r"\[0, 3\)"),
+    (dict(labels=jnp.array([0, 1, 2, -1, 1, 2])), ValueError, r"\[0, 3\)"),
+])
+def test_bad_inputs_name_the_argument(small, change, exc, match):
+  model, variables, w, support, labels = small
+  args = dict(w=w, t=0, support=support, labels=labels) | change
+  with pytest.raises(exc, match=match):
+    model.apply(variables, args["w"], args["t"], args["support"], args["labels"])
+  jitted = jax.jit(model.apply)
+  if "labels" in change and change["labels"].dtype == jnp.int32 and change["labels"].size == 6:
+    # Label values are unknown at trace time: out-of-range labels give NaN, not a wrong eps.
+    assert np.all(np.isnan(jitted(variables, args["w"], 0, args["support"], args["labels"])))
+  else:  # shape and dtype errors come at trace time, under jit too
+    with pytest.raises(exc, match=match):
+      jitted(variables, args["w"], args["t"], args["support"], args["labels"])
+
+
+def test_unknown_reduction_is_rejected(small):
+  _, variables, w, support, labels = small
+  with pytest.raises(ValueError, match="loss_reduction"):
+    tcunet.TCUNet(feature_dim=16, time_embed_dim=8, loss_reduction="max").apply(
+        variables, w, 0, support, labels)
