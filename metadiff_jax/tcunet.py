@@ -75,6 +75,13 @@ class TCUNet(nn.Module):
   dtype: Any = None
   precision: Any = None
 
+  def __post_init__(self):
+    # A tuple keeps the module hashable, as `jax.jit` needs of a static argument; configs and
+    # command lines may hand over a list.
+    if self.hidden_dims is not None:
+      object.__setattr__(self, "hidden_dims", tuple(int(h) for h in self.hidden_dims))
+    super().__post_init__()
+
   def setup(self):
     if self.time_embed_dim % 2:
       raise ValueError(f"time_embed_dim must be even, got {self.time_embed_dim}")

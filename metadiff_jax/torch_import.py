@@ -14,6 +14,7 @@ take dicts of numpy arrays or torch tensors.
 from __future__ import annotations
 
 import re
+import zipfile
 from typing import Any, Mapping, Optional
 
 import numpy as np
@@ -86,29 +87,51 @@ def tcunet_config_from_params(params) -> dict:
   )
 
 
-def load_torch_state_dict(path) -> dict:
-  """Reads a `.pth` checkpoint into a flat dict of numpy arrays; needs PyTorch."""
+def load_torch_state_dict(path, trusted: bool = False) -> dict:
+  """Reads a `.pth` checkpoint into a flat dict of numpy arrays; needs PyTorch.
+
+  Args:
+    path: the file.
+    trusted: also unpickle Python objects other than tensors and containers. Only for files
+      from a source you trust: unpickling can run arbitrary code.
+  """
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError as err:
     raise ImportError(
         f"reading {path} needs PyTorch, which is optional: pip install 'metadiff_jax[torch]', "
         "or convert the file to .npz where PyTorch is installed") from err
-  checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+  try:
+    checkpoint = torch.load(path, map_location="cpu", weights_only=not trusted)
+  except FileNotFoundError:
+    raise
+  except Exception as err:  # torch raises several types for unreadable files
+    hint = ("" if trusted else "; if it holds Python objects besides tensors and you trust "
+            "its source, pass trusted=True")
+    raise ValueError(f"cannot read {path} as a PyTorch checkpoint ({type(err).__name__}: "
+                     f"{str(err).splitlines()[0] if str(err) else ''}){hint}") from err
   for key in ("state_dict", "model_state_dict"):
     if isinstance(checkpoint, Mapping) and isinstance(checkpoint.get(key), Mapping):
       checkpoint = checkpoint[key]
+  if not isinstance(checkpoint, Mapping):
+    raise ValueError(f"{path} holds a {type(checkpoint).__name__}, not a state dict")
   return {k: _to_numpy(v) for k, v in checkpoint.items() if hasattr(v, "shape")}
 
 
 def tcunet_params_from_torch_file(path, use_ema: bool = False,
-                                  schedule: Optional[Schedule] = None):
+                                  schedule: Optional[Schedule] = None, trusted: bool = False):
   """`tcunet_params_from_torch` of a `.pth` file (needs PyTorch) or an `.npz` file."""
   if str(path).endswith(".npz"):
-    with np.load(path) as archive:
-      state_dict = dict(archive)
+    try:
+      with np.load(path) as archive:
+        state_dict = dict(archive)
+    except FileNotFoundError:
+      raise
+    except (OSError, ValueError, zipfile.BadZipFile) as err:
+      raise ValueError(f"cannot read {path} as an .npz archive ({err}); is the file complete?"
+                       ) from err
   else:
-    state_dict = load_torch_state_dict(path)
+    state_dict = load_torch_state_dict(path, trusted=trusted)
   return tcunet_params_from_torch(state_dict, use_ema=use_ema, schedule=schedule)
 
 

@@ -101,6 +101,14 @@ def test_sample_batch_compiles_once_per_shape(tiny):
   assert diffusion.TRACE_COUNTS["sample_batch"] - before == 2
 
 
+def test_hidden_dims_from_a_list_keep_the_module_usable_as_a_static_argument(tiny):
+  _, _, sched, w_T, support, labels = tiny
+  model = tcunet.TCUNet(feature_dim=24, hidden_dims=[16, 8], time_embed_dim=16)
+  assert model.hidden_dims == (16, 8)
+  variables = model.init(jax.random.key(0), w_T[0], 0, support[0], labels[0])
+  assert diffusion.sample_batch(model, variables, sched, w_T, support, labels).shape == w_T.shape
+
+
 def test_random_loss_draws_per_episode_steps_and_noise(tiny):
   model, variables, sched, w_T, support, labels = tiny
   key = jax.random.key(7)

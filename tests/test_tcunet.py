@@ -124,3 +124,14 @@ def test_unknown_reduction_is_rejected(small):
   with pytest.raises(ValueError, match="loss_reduction"):
     tcunet.TCUNet(feature_dim=16, time_embed_dim=8, loss_reduction="max").apply(
         variables, w, 0, support, labels)
+
+
+def test_bfloat16_and_precision_options(ref, ref_model):
+  model, variables = ref_model
+  args = (episode(ref, 5, "eps_w")[1], episode(ref, 5, "eps_t")[1], episode(ref, 5, "support")[1],
+          episode(ref, 5, "support_labels")[1])
+  exact = model.clone(precision=jax.lax.Precision.HIGHEST).apply(variables, *args)
+  assert_close_to_scale(exact, ref["k5/eps_out"][1], 1e-4)
+  low = model.clone(dtype=jnp.bfloat16).apply(variables, *args)
+  assert low.shape == exact.shape
+  assert_close_to_scale(low, exact, 5e-2)  # bf16 keeps 8 bits of mantissa

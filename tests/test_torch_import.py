@@ -103,3 +103,21 @@ def test_pth_file_and_torch_tensors(tmp_path, ref_state_dict):
   path = tmp_path / "head.pth"
   torch.save({"state_dict": state_dict, "epoch": 3}, path)
   assert_same_params(torch_import.tcunet_params_from_torch_file(path), expected)
+
+
+def test_corrupt_or_missing_files(tmp_path):
+  broken = tmp_path / "head.npz"
+  broken.write_bytes(b"not a zip archive")
+  with pytest.raises(ValueError, match="cannot read .*head.npz as an .npz archive"):
+    torch_import.tcunet_params_from_torch_file(broken)
+  with pytest.raises(FileNotFoundError):
+    torch_import.tcunet_params_from_torch_file(tmp_path / "absent.npz")
+
+
+def test_corrupt_pth_file(tmp_path):
+  pytest.importorskip(
+      "torch", reason="PyTorch is an optional extra; .pth reading is tested where it imports")
+  broken = tmp_path / "head.pth"
+  broken.write_bytes(b"\x80\x02garbage")
+  with pytest.raises(ValueError, match="cannot read .*head.pth as a PyTorch checkpoint"):
+    torch_import.tcunet_params_from_torch_file(broken)
