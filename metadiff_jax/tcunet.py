@@ -79,6 +79,8 @@ class TCUNet(nn.Module):
     # A tuple keeps the module hashable, as `jax.jit` needs of a static argument; configs and
     # command lines may hand over a list.
     if self.hidden_dims is not None:
+      if len(self.hidden_dims) != 2:
+        raise ValueError(f"hidden_dims must be two widths (h1, h2), got {self.hidden_dims!r}")
       object.__setattr__(self, "hidden_dims", tuple(int(h) for h in self.hidden_dims))
     super().__post_init__()
 

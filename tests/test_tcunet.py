@@ -119,6 +119,11 @@ def test_bad_inputs_name_the_argument(small, change, exc, match):
       jitted(variables, args["w"], args["t"], args["support"], args["labels"])
 
 
+def test_hidden_dims_must_be_two_widths():
+  with pytest.raises(ValueError, match=r"hidden_dims must be two widths"):
+    tcunet.TCUNet(feature_dim=16, hidden_dims=(8, 4, 2))
+
+
 def test_unknown_reduction_is_rejected(small):
   _, variables, w, support, labels = small
   with pytest.raises(ValueError, match="loss_reduction"):
