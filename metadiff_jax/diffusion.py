@@ -75,7 +75,7 @@ def loss_from_noise(model, variables, sched: Schedule, w0, support, support_labe
     raise TypeError(
         f"`t` must be [B] = [{jnp.shape(w0)[0]}] integer steps, got {jnp.result_type(t)} "
         f"of shape {jnp.shape(t)}")
-  _check_concrete_range(t, sched.num_steps, "t")
+  prototypes.check_in_range(t, sched.num_steps, "t")
   w_t = q_sample(sched, w0, t, noise)
   eps = jax.vmap(model.apply, in_axes=(None, 0, 0, 0, 0))(
       variables, w_t, t, support, support_labels)
@@ -175,37 +175,25 @@ def _check_args(w, support, support_labels, name, batched):
   Label values are checked only where they are concrete; under a trace `support_stats` turns
   out-of-range labels into NaN instead.
   """
-  lead = 1 if batched else 0
   shapes = {name: jnp.shape(w), "support": jnp.shape(support),
             "support_labels": jnp.shape(support_labels)}
-  layouts = {name: "[N, D]", "support": "[S, D]", "support_labels": "[S]"}
-  for arg, layout in layouts.items():
-    rank = layout.count(",") + 1 + lead
-    if len(shapes[arg]) != rank:
-      layout = "[B, " + layout[1:] if batched else layout
-      raise ValueError(f"`{arg}` must be {layout}, got shape {shapes[arg]}")
-  if batched and len({s[0] for s in shapes.values()}) != 1:
-    raise ValueError(f"the episode axes differ: {shapes}; give every argument the same B")
+  if batched:
+    layouts = {name: "[B, N, D]", "support": "[B, S, D]", "support_labels": "[B, S]"}
+    for arg, layout in layouts.items():
+      if len(shapes[arg]) != layout.count(",") + 1:
+        raise ValueError(f"`{arg}` must be {layout}, got shape {shapes[arg]}")
+    if len({s[0] for s in shapes.values()}) != 1:
+      raise ValueError(f"the episode axes differ: {shapes}; give every argument the same B")
+  elif len(shapes[name]) != 2:
+    raise ValueError(f"`{name}` must be [N, D], got shape {shapes[name]}")
+  # One episode's view of the arguments, for the per-episode checks.
+  episode = lambda x: jax.ShapeDtypeStruct(jnp.shape(x)[int(batched):], jnp.result_type(x))
+  prototypes.check_episode(episode(support), episode(support_labels))
   if shapes["support"][-1] != shapes[name][-1]:
     raise ValueError(
         f"`support` has feature dim D = {shapes['support'][-1]} but `{name}` has "
         f"D = {shapes[name][-1]}; they must match")
-  if shapes["support_labels"][-1] != shapes["support"][-2]:
-    raise ValueError(
-        f"`support_labels` has {shapes['support_labels'][-1]} labels per episode but "
-        f"`support` has S = {shapes['support'][-2]} examples")
-  if not jnp.issubdtype(jnp.result_type(support_labels), jnp.integer):
-    raise TypeError(f"`support_labels` must hold integers, got {jnp.result_type(support_labels)}")
   prototypes.check_labels(support_labels, shapes[name][-2])
-
-
-def _check_concrete_range(values, upper, name):
-  if isinstance(values, jax.core.Tracer):
-    return
-  values = jnp.asarray(values)
-  if values.size and (int(values.min()) < 0 or int(values.max()) >= upper):
-    raise ValueError(f"`{name}` must lie in [0, {upper}), got values in "
-                     f"[{int(values.min())}, {int(values.max())}]")
 
 
 def _check_trajectory_every(every, num_steps):

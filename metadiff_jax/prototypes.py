@@ -38,12 +38,24 @@ def check_episode(support, labels, name: str = "support"):
   """Raises a clear error at trace time for wrong ranks, lengths or label dtypes."""
   if jnp.ndim(support) != 2:
     raise ValueError(f"`{name}` must be [S, D] features, got shape {jnp.shape(support)}")
-  if jnp.ndim(labels) != 1 or jnp.shape(labels)[0] != jnp.shape(support)[0]:
+  if jnp.ndim(labels) != 1:
+    raise ValueError(f"`{name}_labels` must be [S] ints, got shape {jnp.shape(labels)}")
+  if jnp.shape(labels)[0] != jnp.shape(support)[0]:
     raise ValueError(
-        f"`{name}_labels` must be [S] with S = {jnp.shape(support)[0]} to match `{name}`, "
-        f"got shape {jnp.shape(labels)}")
+        f"`{name}_labels` has {jnp.shape(labels)[0]} labels per episode but `{name}` has "
+        f"S = {jnp.shape(support)[0]} examples")
   if not jnp.issubdtype(jnp.result_type(labels), jnp.integer):
     raise TypeError(f"`{name}_labels` must hold integers, got {jnp.result_type(labels)}")
+
+
+def check_in_range(values, upper: int, name: str, hint: str = ""):
+  """Raises ValueError if concrete integer `values` fall outside [0, upper); skips tracers."""
+  if isinstance(values, jax.core.Tracer):
+    return
+  values = np.asarray(values)
+  if values.size and (values.min() < 0 or values.max() >= upper):
+    raise ValueError(f"`{name}` must lie in [0, {upper}), got values in "
+                     f"[{values.min()}, {values.max()}]{hint}")
 
 
 def check_labels(labels, num_classes: int, name: str = "support_labels"):
@@ -52,13 +64,8 @@ def check_labels(labels, num_classes: int, name: str = "support_labels"):
   Under a trace the values are unknown; `support_stats` then turns out-of-range labels into
   NaN statistics so that the error cannot pass silently.
   """
-  if isinstance(labels, jax.core.Tracer):
-    return
-  values = np.asarray(labels)
-  if values.size and (values.min() < 0 or values.max() >= num_classes):
-    raise ValueError(
-        f"`{name}` must be ints in [0, {num_classes}) for {num_classes} classes, found values "
-        f"in [{values.min()}, {values.max()}]; relabel each episode's classes 0..N-1")
+  check_in_range(labels, num_classes, name,
+                 hint=f" for {num_classes} classes; relabel each episode's classes 0..N-1")
 
 
 def class_counts(labels, num_classes: int) -> jnp.ndarray:

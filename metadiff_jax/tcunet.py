@@ -129,13 +129,12 @@ class TCUNet(nn.Module):
       eps: [N, D], the predicted noise.
     """
     self._check_weights(w_t, "w_t")
-    prototypes.check_episode(support, support_labels)
+    stats = prototypes.support_stats(support, support_labels, w_t.shape[0])  # checks ranks
     if support.shape[-1] != self.feature_dim:
       raise ValueError(
           f"`support` has feature dim {support.shape[-1]}, but the TCUNet was built for "
           f"feature_dim={self.feature_dim}")
     prototypes.check_labels(support_labels, w_t.shape[0])
-    stats = prototypes.support_stats(support, support_labels, w_t.shape[0])
     return self.denoise(w_t, t, stats)
 
   def denoise(self, w_t, t, stats: prototypes.SupportStats):
