@@ -26,3 +26,19 @@ def test_sampling_benchmark_runs_and_writes_json(tmp_path):
   for row in result["rows"]:
     assert row["flops"] == 10 * (row["episodes"] * per_episode + per_batch)
   assert tcunet.TCUNet(feature_dim=32).widths == (16, 8, 8, 16, 32)
+
+
+def test_data_pipeline_benchmark_runs_and_writes_json(tmp_path):
+  out = tmp_path / "data.json"
+  subprocess.run(
+      [sys.executable, str(REPO / "benchmarks" / "data_pipeline.py"), "--image_size", "16",
+       "--split_images", "1280", "--batch_size", "16", "--batches", "2", "--episodes", "10",
+       "--feature_dim", "8", "--repeats", "1", "--out", str(out)],
+      check=True, timeout=600, capture_output=True)
+  result = json.loads(out.read_text())
+  pre = result["pretraining"]
+  assert pre["device_images_per_s"] > 0 and pre["host_numpy_images_per_s"] > 0
+  assert abs(pre["device_over_host"] * pre["host_numpy_images_per_s"]
+             - pre["device_images_per_s"]) < 1e-6 * pre["device_images_per_s"]
+  assert result["episodes"]["sampler_episodes_per_s"] > 0
+  assert result["settings"]["batch_size"] == 16

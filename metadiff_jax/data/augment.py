@@ -11,11 +11,16 @@ glyphs are not flipped.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+# How often each jitted function here was traced (tests assert compile counts).
+TRACE_COUNTS: collections.Counter = collections.Counter()
 
 # Per-dataset (mean, std) of the pixels in [0, 1], RGB order.
 NORMALIZATION = {
@@ -166,19 +171,51 @@ def preprocess(images: jax.Array, config: AugmentConfig) -> jax.Array:
   return normalize(to_float(images), config.mean, config.std)
 
 
-class DeviceImages:
-  """A split's uint8 images and labels on device, with batches drawn by index there.
+def batch_indices(key: jax.Array, step, num_images: int, batch_size: int) -> jax.Array:
+  """[batch_size] image indices of batch `step`: a pure function of (key, step).
 
-  Each epoch is a permutation drawn from `fold_in(key, epoch)`; batch j of an epoch is the
-  j-th run of `batch_size` indices of it (the last partial run is dropped), so a batch is a
-  pure function of (key, step).
+  Each epoch is a permutation drawn from `fold_in(key, epoch)`; batch j of an epoch is its
+  j-th run of `batch_size` indices (the last partial run is dropped). `step` may be traced.
+  """
+  epoch, j = jnp.divmod(step, num_images // batch_size)
+  perm = jax.random.permutation(jax.random.fold_in(key, epoch), num_images)
+  return jax.lax.dynamic_slice_in_dim(perm, j * batch_size, batch_size)
+
+
+@functools.partial(jax.jit, static_argnames=("batch_size", "config"))
+def draw_batch(images: jax.Array, labels: jax.Array, key: jax.Array, step, batch_size: int,
+               config: AugmentConfig) -> tuple[jax.Array, jax.Array]:
+  """Batch `step` of a split held on device: indices drawn, gathered and augmented there.
+
+  The split is an argument, not a closed-over constant, so it is never baked into the
+  compiled program; call this inside a jitted train step with the split as that step's input.
+
+  Args:
+    images: [n, H, W, C] uint8 on device.
+    labels: [n] int32 on device.
+    key: the run's data key (the augmentation draws use `fold_in(key, step)` streams).
+    step: the global step (an int or a traced int).
+    batch_size: images per batch.
+    config: the augmentations (static).
+
+  Returns:
+    (images [B, H, W, C] float32 augmented and normalised, labels [B]).
+  """
+  TRACE_COUNTS["draw_batch"] += 1
+  idx = batch_indices(key, step, images.shape[0], batch_size)
+  aug_key = jax.random.fold_in(jax.random.fold_in(key, 1 << 30), step)
+  return augment_batch(aug_key, images[idx], config), labels[idx]
+
+
+class DeviceImages:
+  """A split's uint8 images and labels put on device once, and its batches (`draw_batch`).
 
   Args:
     images: [n, H, W, C] uint8 host array.
     labels: [n] int host array.
     batch_size: images per batch.
-    sharding: where to put the arrays (replicated over the data axis by default: every
-      device holds the split; None lets JAX choose).
+    sharding: where to put the arrays (for example replicated over a mesh, so that every
+      device holds the split); None lets JAX choose.
   """
 
   def __init__(self, images: np.ndarray, labels: np.ndarray, batch_size: int,
@@ -192,17 +229,13 @@ class DeviceImages:
     self.batch_size = int(batch_size)
     self.steps_per_epoch = len(images) // self.batch_size
 
-  def indices(self, key: jax.Array, step: jax.Array) -> jax.Array:
-    """[batch_size] indices of batch `step` (traceable: step may be a traced int)."""
-    epoch, j = jnp.divmod(step, self.steps_per_epoch)
-    perm = jax.random.permutation(jax.random.fold_in(key, epoch), self.images.shape[0])
-    return jax.lax.dynamic_slice_in_dim(perm, j * self.batch_size, self.batch_size)
+  def indices(self, key: jax.Array, step) -> jax.Array:
+    """[batch_size] indices of batch `step`."""
+    return batch_indices(key, step, self.images.shape[0], self.batch_size)
 
   def batch(self, key: jax.Array, step, config: AugmentConfig) -> tuple[jax.Array, jax.Array]:
     """Augmented images [B, H, W, C] float32 and labels [B] of batch `step`."""
-    idx = self.indices(key, step)
-    aug_key = jax.random.fold_in(jax.random.fold_in(key, 1 << 30), step)
-    return augment_batch(aug_key, self.images[idx], config), self.labels[idx]
+    return draw_batch(self.images, self.labels, key, step, self.batch_size, config)
 
 
 def fits_on_device(images: np.ndarray, fraction: float = 0.5) -> bool:
