@@ -5,6 +5,7 @@ array_record files; `load` reads them back with `tfds.data_source` machinery and
 Counts, labels, class names and pixels must round-trip.
 """
 
+import functools
 import hashlib
 import json
 import os
@@ -68,35 +69,26 @@ def _build(name, tmp_path, manual, **kwargs):
                          getattr(kwargs["config"], "name", kwargs["config"]))
 
 
-@pytest.mark.parametrize("layout", ["gidaris", "gidaris_py3_no_names", "cache", "jpeg"])
-def test_mini_imagenet_every_format(tmp_path, layout):
-  spec = standard_spec("mini_imagenet").subset(SMALL, images_per_class=3)
-  manual = tmp_path / "manual"
-  manual.mkdir()
-  if layout == "gidaris":
-    expected = fx.write_mini_imagenet_gidaris(manual, spec, seed=0)
-  elif layout == "gidaris_py3_no_names":
-    expected = fx.write_mini_imagenet_gidaris(manual, spec, seed=0, py2=False,
-                                              catname2label=False)
-  elif layout == "cache":
-    expected = fx.write_mini_imagenet_cache(manual, spec, seed=0)
-  else:
-    expected = fx.write_mini_imagenet_jpeg(manual, spec, seed=0)
-  ref = _build("mini_imagenet", tmp_path, manual, spec=spec)
-  _check_round_trip(ref, expected, atol=8 if layout == "jpeg" else 0)
+IMAGENET_LAYOUTS = {  # layout -> (dataset, fixture writer, seed, pixel tolerance)
+    "gidaris": ("mini_imagenet", fx.write_mini_imagenet_gidaris, 0, 0),
+    "gidaris_py3_no_names": ("mini_imagenet", functools.partial(
+        fx.write_mini_imagenet_gidaris, py2=False, catname2label=False), 0, 0),
+    "cache": ("mini_imagenet", fx.write_mini_imagenet_cache, 0, 0),
+    "jpeg": ("mini_imagenet", fx.write_mini_imagenet_jpeg, 0, 8),
+    "ren": ("tiered_imagenet", fx.write_tiered_ren, 1, 0),
+    "metaoptnet": ("tiered_imagenet", fx.write_tiered_metaoptnet, 1, 0),
+}
 
 
-@pytest.mark.parametrize("layout", ["ren", "metaoptnet"])
-def test_tiered_imagenet_every_format(tmp_path, layout):
-  spec = standard_spec("tiered_imagenet").subset(SMALL, images_per_class=3)
+@pytest.mark.parametrize("layout", sorted(IMAGENET_LAYOUTS))
+def test_mini_and_tiered_imagenet_every_format(tmp_path, layout):
+  name, write, seed, atol = IMAGENET_LAYOUTS[layout]
+  spec = standard_spec(name).subset(SMALL, images_per_class=3)
   manual = tmp_path / "manual"
   manual.mkdir()
-  if layout == "ren":
-    expected = fx.write_tiered_ren(manual, spec, seed=1)
-  else:
-    expected = fx.write_tiered_metaoptnet(manual, spec, seed=1)
-  ref = _build("tiered_imagenet", tmp_path, manual, spec=spec)
-  _check_round_trip(ref, expected)
+  expected = write(manual, spec, seed=seed)
+  ref = _build(name, tmp_path, manual, spec=spec)
+  _check_round_trip(ref, expected, atol=atol)
 
 
 @pytest.mark.parametrize("name", ["cifar_fs", "fc100"])

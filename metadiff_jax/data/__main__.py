@@ -60,14 +60,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def _builder_config(args):
   if args.name == "glyphs":
-    cfg = builders.GlyphsConfig(name="default")
     changed = {k: getattr(args, k) for k in ("image_size", "num_classes", "images_per_class",
                                              "seed") if getattr(args, k) is not None}
     if not changed and args.config in (None, "default"):
       return None
     name = args.config or "_".join(f"{k}{v}" for k, v in sorted(changed.items()))
-    return builders.GlyphsConfig(name=name, **{**{k: getattr(cfg, k) for k in (
-        "image_size", "num_classes", "images_per_class", "seed")}, **changed})
+    return builders.GlyphsConfig(name=name, **changed)
   if args.name == "image_folder":
     size = args.image_size or 84
     return builders.ImageFolderConfig(name=args.config or "default", image_size=(size, size),

@@ -96,11 +96,7 @@ class FewShotBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _split_generators(self, dl_manager):
     raw = self.read_splits(dl_manager)
-    shape = tuple(self.image_shape())
     for split, data in raw.items():
-      if len(data.images) and tuple(np.shape(data.images[0])) != shape:
-        raise DataError(f"{self.name}/{split}: images have shape {np.shape(data.images[0])}, "
-                        f"expected {shape}")
       self._class_names[split] = tuple(data.class_names)
     self.info.metadata["class_names"] = {s: list(n) for s, n in self._class_names.items()}
     self.info.metadata["num_classes"] = {s: len(n) for s, n in self._class_names.items()}
