@@ -61,3 +61,12 @@ def test_importing_the_package_never_imports_tensorflow():
   code = ("import sys, metadiff_jax, metadiff_jax.diffusion, metadiff_jax.torch_import; "
           "assert 'tensorflow' not in sys.modules, 'tensorflow was imported'")
   subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+
+
+def test_the_benchmark_path_imports_without_the_data_stack():
+  # GPU machines have JAX, Flax and Optax but not tensorflow-datasets: the benchmarks must run.
+  code = ("import sys, metadiff_jax.diffusion, metadiff_jax.data.augment, "
+          "metadiff_jax.data.episodes, metadiff_jax.data.features; "
+          "bad = [m for m in ('tensorflow_datasets', 'tensorflow') if m in sys.modules]; "
+          "assert not bad, bad")
+  subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
