@@ -1,4 +1,4 @@
-"""Imports the original PyTorch MetaDiff denoiser's weights as TCUNet parameters.
+"""Imports the original PyTorch MetaDiff's weights: the denoiser (TCUNet) and the backbone.
 
 A state dict of the original head names its layers `time_scale.0`, `time_scale.2`,
 `time_emb1..5` and `proto_inf1..5` (PyTorch `nn.Linear`: `weight` [out, in], `bias` [out],
@@ -6,6 +6,11 @@ y = x W^T + b). A checkpoint of the original's diffusion wrapper stores them as
 `model.<name>` with an EMA copy as `ema_model.<name>`, beside the schedule buffers (`betas`,
 `alphas_cumprod`, ...), which are not parameters; a model wrapped in `DataParallel` adds a
 `module.` prefix. All of these layouts are accepted.
+
+The backbone: `resnet12_variables_from_torch` maps a ResNet12 state dict (`layerL.convC.weight`,
+`layerL.bnC.*`, `layerL.downsample.{0,1}.*`) onto `backbones.ResNet12`'s variables, and
+`load_backbone_file` reads one from a file and checks it against the configured model with
+`check_variables_fit`.
 
 Only reading a `.pth` file needs PyTorch (`pip install 'metadiff_jax[torch]'`); the converters
 take dicts of numpy arrays or torch tensors.
@@ -17,6 +22,7 @@ import re
 import zipfile
 from typing import Any, Mapping, Optional
 
+import jax
 import numpy as np
 
 from metadiff_jax.schedule import Schedule
@@ -95,21 +101,7 @@ def load_torch_state_dict(path, trusted: bool = False) -> dict:
     trusted: also unpickle Python objects other than tensors and containers. Only for files
       from a source you trust: unpickling can run arbitrary code.
   """
-  try:
-    import torch  # pylint: disable=g-import-not-at-top
-  except ImportError as err:
-    raise ImportError(
-        f"reading {path} needs PyTorch, which is optional: pip install 'metadiff_jax[torch]', "
-        "or convert the file to .npz where PyTorch is installed") from err
-  try:
-    checkpoint = torch.load(path, map_location="cpu", weights_only=not trusted)
-  except FileNotFoundError:
-    raise
-  except Exception as err:  # torch raises several types for unreadable files
-    hint = ("" if trusted else "; if it holds Python objects besides tensors and you trust "
-            "its source, pass trusted=True")
-    raise ValueError(f"cannot read {path} as a PyTorch checkpoint ({type(err).__name__}: "
-                     f"{str(err).splitlines()[0] if str(err) else ''}){hint}") from err
+  checkpoint = _read_torch_checkpoint(path, trusted)
   for key in ("state_dict", "model_state_dict"):
     if isinstance(checkpoint, Mapping) and isinstance(checkpoint.get(key), Mapping):
       checkpoint = checkpoint[key]
@@ -122,17 +114,40 @@ def tcunet_params_from_torch_file(path, use_ema: bool = False,
                                   schedule: Optional[Schedule] = None, trusted: bool = False):
   """`tcunet_params_from_torch` of a `.pth` file (needs PyTorch) or an `.npz` file."""
   if str(path).endswith(".npz"):
-    try:
-      with np.load(path) as archive:
-        state_dict = dict(archive)
-    except FileNotFoundError:
-      raise
-    except (OSError, ValueError, zipfile.BadZipFile) as err:
-      raise ValueError(f"cannot read {path} as an .npz archive ({err}); is the file complete?"
-                       ) from err
+    state_dict = _read_npz(path)
   else:
     state_dict = load_torch_state_dict(path, trusted=trusted)
   return tcunet_params_from_torch(state_dict, use_ema=use_ema, schedule=schedule)
+
+
+def _read_torch_checkpoint(path, trusted: bool):
+  """Whatever `torch.load` finds in `path` (tensors only unless `trusted`); needs PyTorch."""
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError as err:
+    raise ImportError(
+        f"reading {path} needs PyTorch, which is optional: pip install 'metadiff_jax[torch]', "
+        "or convert the file to .npz where PyTorch is installed") from err
+  try:
+    return torch.load(path, map_location="cpu", weights_only=not trusted)
+  except FileNotFoundError:
+    raise
+  except Exception as err:  # torch raises several types for unreadable files
+    hint = ("" if trusted else "; if it holds Python objects besides tensors and you trust "
+            "its source, pass trusted=True")
+    raise ValueError(f"cannot read {path} as a PyTorch checkpoint ({type(err).__name__}: "
+                     f"{str(err).splitlines()[0] if str(err) else ''}){hint}") from err
+
+
+def _read_npz(path) -> dict:
+  try:
+    with np.load(path) as archive:
+      return dict(archive)
+  except FileNotFoundError:
+    raise
+  except (OSError, ValueError, zipfile.BadZipFile) as err:
+    raise ValueError(f"cannot read {path} as an .npz archive ({err}); is the file complete?"
+                     ) from err
 
 
 def _strip_module(key: str) -> str:
@@ -163,3 +178,156 @@ def _check_schedule_buffers(tensors, schedule: Schedule, atol: float):
       raise ValueError(
           f"the checkpoint's schedule buffer `{name}` differs from the given schedule "
           f"(T = {schedule.num_steps}); build the schedule the checkpoint was trained with")
+
+
+# The backbone: ResNet12 (models/resnet12_2.py of the original, MetaOptNet's network).
+
+_RESNET12_LAYERS = 4
+# (PyTorch conv, PyTorch BatchNorm, flax conv, flax BatchNorm) within each `layerL`.
+_RESNET12_UNITS = (
+    *((f"conv{c}", f"bn{c}", f"conv{c}", f"bn{c}") for c in (1, 2, 3)),
+    ("downsample.0", "downsample.1", "downsample_conv", "downsample_bn"),
+)
+# PyTorch BatchNorm entry -> (flax collection, flax name).
+_BATCH_NORM_FIELDS = (("weight", "params", "scale"), ("bias", "params", "bias"),
+                      ("running_mean", "batch_stats", "mean"),
+                      ("running_var", "batch_stats", "var"))
+# Where whole-model checkpoints keep the backbone: the original MetaDiff saves
+# {'embedding': backbone, 'head': ...}; common trainers use the others. Meta-Baseline prefixes
+# its backbone's names with `encoder.`.
+_BACKBONE_ENTRIES = ("embedding", "state_dict", "model", "model_state_dict", "model_sd")
+_BACKBONE_PREFIXES = ("embedding.", "encoder.")
+_FIT_HINT = "set config.backbone.name/widths to the checkpoint's architecture"
+
+
+def resnet12_variables_from_torch(state_dict: Mapping[str, Any]) -> dict:
+  """Converts a PyTorch ResNet12 state dict into variables of `backbones.ResNet12`.
+
+  Args:
+    state_dict: name -> tensor (numpy array or torch tensor) with the original's names:
+      `layerL.convC.weight` [out, in, 3, 3], `layerL.bnC.{weight, bias, running_mean,
+      running_var}`, `layerL.downsample.0.weight` [out, in, 1, 1], `layerL.downsample.1.*`
+      (L = 1..4, C = 1..3), optionally under DataParallel's `module.`; `num_batches_tracked`
+      entries are ignored.
+
+  Returns:
+    {"params": {"layerL": {"convC": {"kernel": [3, 3, in, out]}, "bnC": {"scale", "bias"},
+    "downsample_conv", "downsample_bn"}}, "batch_stats": {"layerL": {"bnC": {"mean", "var"},
+    "downsample_bn"}}} as float32 numpy arrays. The widths are the checkpoint's; compare them
+    with the configured model's by `check_variables_fit`.
+  """
+  tensors = {_strip_module(k): _to_numpy(v) for k, v in state_dict.items()}
+  used = set()
+
+  def take(name):
+    if name not in tensors:
+      raise KeyError(f"the state dict has no `{name}`; is this a ResNet12 checkpoint "
+                     f"(layer1..4 of conv1..3, bn1..3, downsample)? Its keys start: "
+                     f"{sorted(tensors)[:6]}")
+    used.add(name)
+    return tensors[name].astype(np.float32)
+
+  variables = {"params": {}, "batch_stats": {}}
+  for layer in (f"layer{index}" for index in range(1, _RESNET12_LAYERS + 1)):
+    params = variables["params"][layer] = {}
+    stats = variables["batch_stats"][layer] = {}
+    for torch_conv, torch_bn, flax_conv, flax_bn in _RESNET12_UNITS:
+      weight = take(f"{layer}.{torch_conv}.weight")
+      if weight.ndim != 4:
+        raise ValueError(f"`{layer}.{torch_conv}.weight` has shape {weight.shape}; expected a "
+                         "convolution weight [out, in, kh, kw]")
+      params[flax_conv] = {"kernel": weight.transpose(2, 3, 1, 0)}  # OIHW -> HWIO
+      params[flax_bn], stats[flax_bn] = {}, {}
+      for torch_field, collection, flax_field in _BATCH_NORM_FIELDS:
+        target = params if collection == "params" else stats
+        target[flax_bn][flax_field] = take(f"{layer}.{torch_bn}.{torch_field}")
+  unexpected = sorted(
+      k for k in tensors if k not in used and not k.endswith(".num_batches_tracked"))
+  if unexpected:
+    raise KeyError(f"unexpected entries in a ResNet12 state dict ({len(unexpected)}): "
+                   f"{unexpected[:6]}")
+  return variables
+
+
+def check_variables_fit(expected, actual, what: str = "the checkpoint",
+                        hint: str = _FIT_HINT) -> None:
+  """Checks that `actual` has exactly the paths and shapes of `expected`.
+
+  Args:
+    expected: the variables the configured model expects (arrays or `jax.ShapeDtypeStruct`s,
+      e.g. `jax.eval_shape(model.init, key, images)`).
+    actual: the variables read from a checkpoint.
+    what: names `actual` in the error, e.g. "backbone checkpoint ckpt.pth".
+    hint: what to do about a mismatch.
+
+  Raises:
+    ValueError: one line naming the first path (`params` first, then in tree order) that is
+      missing, extra or of another shape, with both shapes.
+  """
+  expected_shapes, actual_shapes = _leaf_shapes(expected), _leaf_shapes(actual)
+  for path in sorted(expected_shapes.keys() | actual_shapes.keys(),
+                     key=lambda p: (not p.startswith("params/"), p)):
+    mine, theirs = expected_shapes.get(path), actual_shapes.get(path)
+    if theirs is None:
+      raise ValueError(f"{what} has no `{path}`, which the configured model expects with shape "
+                       f"{mine}; {hint}")
+    if mine is None:
+      raise ValueError(f"{what} has `{path}` of shape {theirs}, which the configured model "
+                       f"lacks; {hint}")
+    if mine != theirs:
+      raise ValueError(f"{what} has `{path}` of shape {theirs}, but the configured model "
+                       f"expects {mine}; {hint}")
+
+
+def load_backbone_file(path, template_variables, trusted: bool = False) -> dict:
+  """Reads a ResNet12 backbone from a `.pth` (needs PyTorch) or `.npz` file.
+
+  The file may hold the backbone's state dict itself, or a whole-model checkpoint with it
+  under `embedding` (the original MetaDiff's `{'embedding': ..., 'head': ...}`), `state_dict`,
+  `model`, `model_state_dict` or `model_sd`, or flat names prefixed `embedding.` or `encoder.`;
+  DataParallel's `module.` may appear anywhere. An `.npz` holds flat PyTorch names.
+
+  Args:
+    path: the file.
+    template_variables: the configured `ResNet12`'s variables or their shapes
+      (`jax.eval_shape(model.init, key, images)`); the result must fit them.
+    trusted: let `torch.load` unpickle Python objects besides tensors (only for trusted files).
+
+  Returns:
+    {"params": ..., "batch_stats": ...} as numpy arrays, as `resnet12_variables_from_torch`.
+  """
+  checkpoint = _read_npz(path) if str(path).endswith(".npz") else _read_torch_checkpoint(
+      path, trusted)
+  state_dict = _backbone_state_dict(checkpoint, path)
+  try:
+    variables = resnet12_variables_from_torch(state_dict)
+  except KeyError as err:
+    raise KeyError(f"{path}: {err.args[0]}") from None
+  check_variables_fit(template_variables, variables, f"backbone checkpoint {path}")
+  return variables
+
+
+def _backbone_state_dict(checkpoint, path) -> dict:
+  """The backbone's flat name -> array dict inside any of the layouts `load_backbone_file` takes."""
+  for _ in range(3):  # a few levels, e.g. {"state_dict": {"embedding": {...}}}
+    if not isinstance(checkpoint, Mapping):
+      raise ValueError(f"{path} holds a {type(checkpoint).__name__}, not a state dict")
+    entry = next((e for e in _BACKBONE_ENTRIES if isinstance(checkpoint.get(e), Mapping)), None)
+    if entry is None:
+      break
+    checkpoint = checkpoint[entry]
+  tensors = {_strip_module(k): v for k, v in checkpoint.items() if hasattr(v, "shape")}
+  if not tensors:
+    raise ValueError(f"{path} holds no tensors where a backbone state dict was expected; its "
+                     f"entries: {sorted(checkpoint)[:6]}")
+  for prefix in _BACKBONE_PREFIXES:
+    if any(k.startswith(prefix) for k in tensors):
+      return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+  return tensors
+
+
+def _leaf_shapes(tree) -> dict:
+  """'collection/module/.../name' -> shape of every leaf of a variables pytree."""
+  leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+  return {"/".join(str(getattr(key, "key", getattr(key, "name", key))) for key in keys):
+          tuple(leaf.shape) for keys, leaf in leaves}

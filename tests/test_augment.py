@@ -119,12 +119,8 @@ def test_fits_on_device_on_cpu():
 
 
 def test_per_dataset_defaults_and_the_config_section():
-  import importlib.util
-  from conftest import REPO
-  spec = importlib.util.spec_from_file_location("default", REPO / "configs" / "default.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  from metadiff_jax import config_lib
+  config = config_lib.base_config("glyphs", "conv4")
   glyphs = augment.from_config(config.data)
   assert config.data.name == "glyphs" and not glyphs.flip  # a mirrored glyph is another glyph
   assert glyphs.mean == augment.NORMALIZATION["glyphs"][0]

@@ -42,19 +42,20 @@ def load_config(name):
   return module.get_config()
 
 
-def test_default_config_builds_the_core_and_is_locked():
-  config = load_config("default")
+def test_the_demo_config_builds_the_core_and_is_locked():
+  config = load_config("glyphs_conv4")
   sched = schedule.from_config(config)
   assert sched.num_steps == 1000
   np.testing.assert_allclose(np.asarray(sched.betas)[[0, -1]], [1e-4, 0.02], rtol=1e-6)
-  model = tcunet.TCUNet(**config.denoiser)
+  denoiser = dict(config.denoiser, feature_dim=512)
+  model = tcunet.TCUNet(**denoiser)
   variables = model.init(jax.random.key(0), jnp.zeros((5, 512)), 0, jnp.ones((5, 512)),
                          jnp.arange(5))
   assert variables["params"]["proto_inf1"]["kernel"].shape == (512, 256)
   with pytest.raises(AttributeError):
     config.diffusion.num_step = 10  # misspelt: the locked config refuses it
   config.denoiser.hidden_dims = (64, 32)
-  assert tcunet.TCUNet(**config.denoiser).widths == (64, 32, 32, 64, 512)
+  assert tcunet.TCUNet(**dict(config.denoiser, feature_dim=512)).widths == (64, 32, 32, 64, 512)
 
 
 def test_importing_the_package_never_imports_tensorflow():

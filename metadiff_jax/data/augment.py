@@ -203,8 +203,16 @@ def draw_batch(images: jax.Array, labels: jax.Array, key: jax.Array, step, batch
   """
   TRACE_COUNTS["draw_batch"] += 1
   idx = batch_indices(key, step, images.shape[0], batch_size)
-  aug_key = jax.random.fold_in(jax.random.fold_in(key, 1 << 30), step)
-  return augment_batch(aug_key, images[idx], config), labels[idx]
+  return augment_batch(augment_key(key, step), images[idx], config), labels[idx]
+
+
+def augment_key(key: jax.Array, step) -> jax.Array:
+  """The augmentation stream of batch `step`, apart from the index stream of `batch_indices`.
+
+  Batches gathered on the host (a split too large for the device) use it too, so they are
+  augmented exactly as `draw_batch` would augment them.
+  """
+  return jax.random.fold_in(jax.random.fold_in(key, 1 << 30), step)
 
 
 class DeviceImages:

@@ -1,0 +1,212 @@
+"""Shared pieces of the pipeline's configs: the base config, presets, and checks.
+
+A file `configs/<name>.py` defines `get_config(arg=None)`: it starts from `base_config(...)`,
+changes what its dataset and backbone need, and returns `finalize(config, arg)`, which applies
+presets given after a colon on the command line (`--config=configs/x.py:shot=1`), checks the
+values and locks the config so that a misspelt field (`--config.train.stpes=5`) fails loudly.
+
+Sections: `data` (the built dataset and its augmentations), `backbone`, `pretrain`,
+`prototypes` (the diffusion targets), `diffusion` (the schedule), `denoiser` (the TCUNet),
+`train` (diffusion training), `eval`, and `stages` (which stages run, in order).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+from metadiff_jax.data import augment
+from metadiff_jax.errors import ConfigError
+
+STAGES = ("pretrain", "prototypes", "train", "eval")
+
+
+def base_config(dataset: str = "glyphs", backbone: str = "conv4") -> ml_collections.ConfigDict:
+  """The full config with the paper's and the original code's defaults, unlocked.
+
+  Args:
+    dataset: the `data.name` (a builder of `python -m metadiff_jax.data build`).
+    backbone: "conv4", "resnet12" or "resnet12_wide".
+  """
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  # Which stages run, in order; each skips what its checkpoint says is already done.
+  config.stages = STAGES
+
+  config.data = ml_collections.ConfigDict()
+  config.data.name = dataset
+  config.data.data_dir = "~/tensorflow_datasets"
+  config.data.builder_config = config_dict.placeholder(str)  # None: the build named "default"
+  # Pretraining augmentations (metadiff_jax.data.augment.DEFAULTS[name]); mean/std None take
+  # the dataset's normalisation constants.
+  config.data.augment = ml_collections.ConfigDict(augment.DEFAULTS[dataset])
+  config.data.augment.mean = config_dict.placeholder(tuple)
+  config.data.augment.std = config_dict.placeholder(tuple)
+  # Hold the pretraining split on the accelerator as uint8 when it takes at most this
+  # fraction of its memory; otherwise batches are gathered on the host.
+  config.data.device_memory_fraction = 0.5
+
+  config.backbone = ml_collections.ConfigDict()
+  config.backbone.name = backbone
+  # A PyTorch ResNet12 state dict (.pth, or .npz of its tensors) to use instead of
+  # pretraining; the pretrain stage imports it and stops there.
+  config.backbone.checkpoint = config_dict.placeholder(str)
+  # Meta-Baseline's ResNet12 activates after the fourth block's sum, the original's does not.
+  config.backbone.activate_last = False
+  config.backbone.dropblock_rate = config_dict.placeholder(float)  # None: the backbone's own
+
+  # Backbone pretraining: cross-entropy over all base classes with a linear head, the
+  # Classifier-Baseline recipe (Chen et al. 2021; its miniImageNet setting below).
+  config.pretrain = ml_collections.ConfigDict()
+  config.pretrain.epochs = 100
+  config.pretrain.batch_size = 128
+  config.pretrain.learning_rate = 0.1
+  config.pretrain.momentum = 0.9
+  config.pretrain.weight_decay = 5e-4  # L2 added to the gradient, as PyTorch's SGD does
+  config.pretrain.lr_decay_epochs = (90,)
+  config.pretrain.lr_decay_factor = 0.1
+  # After each epoch: a few-shot check on the validation split with class-mean prototypes;
+  # the backbone of the best epoch is kept.
+  config.pretrain.val_ways = 5
+  config.pretrain.val_shots = 1
+  config.pretrain.val_queries = 15
+  config.pretrain.val_episodes = 500
+  config.pretrain.log_every_steps = 50
+  config.pretrain.checkpoint_every_steps = 1000  # and at every epoch's end
+  config.pretrain.embed_batch_size = 256
+
+  # The diffusion targets w0 (Algorithm 1, line 3): per base class, the mean feature over all
+  # its images. 0 passes: clean images (the default); n > 0: the mean over n passes of
+  # augmented images (the original used one augmented pass).
+  config.prototypes = ml_collections.ConfigDict()
+  config.prototypes.augmented_passes = 0
+
+  # Section 4.2: DDPM's linear schedule, beta from 1e-4 to 0.02 over T = 1000 steps.
+  config.diffusion = ml_collections.ConfigDict()
+  config.diffusion.schedule = "linear"  # or "cosine"
+  config.diffusion.num_steps = 1000
+  config.diffusion.beta_start = 1e-4
+  config.diffusion.beta_end = 0.02
+
+  # Section 4.3: the TCUNet. feature_dim None: the backbone's; hidden_dims None: (D/2, D/4).
+  config.denoiser = ml_collections.ConfigDict()
+  config.denoiser.feature_dim = config_dict.placeholder(int)
+  config.denoiser.hidden_dims = config_dict.placeholder(tuple)
+  config.denoiser.time_embed_dim = 320
+  config.denoiser.loss_reduction = "sum"  # the original code; "mean" is Eq. 11 as printed
+
+  # Diffusion training (Algorithm 1, Eq. 12), one denoiser per shot setting; defaults are the
+  # original's: Adam 1e-4 with PyTorch-style L2 5e-4, 8 episodes a step, EMA 0.9999 copied
+  # outright for the first 2,000 steps; the paper trains 30 epochs x 10,000 iterations.
+  config.train = ml_collections.ConfigDict()
+  config.train.shots = (1, 5)
+  config.train.ways = 5
+  config.train.steps = 300_000
+  config.train.episodes_per_step = 8
+  config.train.learning_rate = 1e-4
+  config.train.weight_decay = 5e-4
+  config.train.ema_decay = 0.9999
+  config.train.ema_start_step = 2000
+  # Optimiser steps per compiled call (a lax.scan), so the host is not visited every step.
+  config.train.steps_per_call = 100
+  config.train.log_every_steps = 1000
+  config.train.checkpoint_every_steps = 10_000
+  # Validation with the EMA parameters and the full sampler; the best is kept.
+  config.train.val_every_steps = 10_000
+  config.train.val_episodes = 300
+  config.train.val_queries = 15
+
+  # Episodic evaluation on the test split: MetaDiff, the same sampler with an untrained
+  # denoiser, and class-mean prototypes, on the same episodes, mean +- 1.96 std / sqrt(n).
+  config.eval = ml_collections.ConfigDict()
+  config.eval.shots = config_dict.placeholder(tuple)  # None: train.shots
+  config.eval.ways = 5
+  config.eval.queries = 15
+  config.eval.episodes = 600
+  config.eval.batch_episodes = 100  # episodes per compiled sampler call
+  return config
+
+
+# Presets a config file accepts after the colon: name -> function(config, value).
+def _shot(config, value):
+  shots = tuple(int(s) for s in str(value).replace("+", " ").split())
+  config.train.shots = shots
+  config.eval.shots = shots
+
+
+PRESETS = {"shot": _shot}
+
+
+def parse_arg(arg: str | None) -> dict[str, str]:
+  """'shot=1,tiny=1' -> {'shot': '1', 'tiny': '1'}; '' or None -> {}."""
+  out = {}
+  for item in filter(None, (arg or "").split(",")):
+    if "=" not in item:
+      raise ConfigError(f"config preset {item!r} must be name=value, e.g. shot=1; known "
+                        f"presets: {', '.join(sorted(PRESETS))}")
+    name, value = item.split("=", 1)
+    out[name.strip()] = value.strip()
+  return out
+
+
+def finalize(config: ml_collections.ConfigDict, arg: str | None = None,
+             presets: dict | None = None) -> ml_collections.ConfigDict:
+  """Applies the presets named in `arg`, checks the config, and locks it.
+
+  Args:
+    config: from `base_config`, edited by a config file.
+    arg: the text after the colon in `--config=file.py:arg`, e.g. "shot=1".
+    presets: the presets this config file accepts (default `PRESETS`).
+
+  Raises:
+    ConfigError: an unknown preset or a value that cannot work.
+  """
+  presets = PRESETS if presets is None else presets
+  for name, value in parse_arg(arg).items():
+    if name not in presets:
+      raise ConfigError(f"unknown config preset {name!r}; this config accepts: "
+                        f"{', '.join(sorted(presets)) or 'none'}")
+    presets[name](config, value)
+  config.lock()
+  return config
+
+
+def check(config) -> None:
+  """Checks values that a locked config cannot (run before any stage; overrides included)."""
+  stages = tuple(config.stages) if not isinstance(config.stages, str) else tuple(
+      s for s in config.stages.replace(",", " ").split())
+  unknown = [s for s in stages if s not in STAGES]
+  if unknown:
+    raise ConfigError(f"unknown stage {unknown[0]!r} in config.stages; choose from "
+                      f"{', '.join(STAGES)}")
+  for section, field, low in (("pretrain", "epochs", 0), ("pretrain", "batch_size", 1),
+                              ("train", "steps", 0), ("train", "episodes_per_step", 1),
+                              ("train", "steps_per_call", 1), ("train", "ways", 2),
+                              ("eval", "episodes", 1), ("eval", "batch_episodes", 1),
+                              ("eval", "ways", 2), ("eval", "queries", 1),
+                              ("diffusion", "num_steps", 1)):
+    value = config[section][field]
+    if int(value) != value or value < low:
+      raise ConfigError(f"config.{section}.{field} must be an integer >= {low}, got {value!r}")
+  for shots_field in ("train.shots", "eval.shots"):
+    section, field = shots_field.split(".")
+    shots = config[section][field]
+    if shots is not None and (not shots or any(int(k) != k or k < 1 for k in shots)):
+      raise ConfigError(f"config.{shots_field} must be a tuple of positive ints like (1, 5), "
+                        f"got {shots!r}")
+  if config.prototypes.augmented_passes < 0:
+    raise ConfigError("config.prototypes.augmented_passes must be >= 0 (0: clean images)")
+  if not 0 <= config.train.ema_decay < 1:
+    raise ConfigError(f"config.train.ema_decay must be in [0, 1), got {config.train.ema_decay}")
+
+
+def stages_of(config) -> tuple[str, ...]:
+  """config.stages as a tuple (a command line may give "train,eval")."""
+  if isinstance(config.stages, str):
+    return tuple(config.stages.replace(",", " ").split())
+  return tuple(config.stages)
+
+
+def eval_shots(config) -> tuple[int, ...]:
+  """The shot settings to evaluate: eval.shots, or train.shots when unset."""
+  return tuple(int(k) for k in (config.eval.shots or config.train.shots))

@@ -1,0 +1,72 @@
+"""Runs the MetaDiff pipeline: `python -m metadiff_jax.main --config configs/<name>.py --workdir DIR`.
+
+Intentionally short: it parses the flags, logs the devices and calls the stages
+(`metadiff_jax.stages.run`), which a notebook can call directly without flags.
+
+    --config=configs/glyphs_conv4.py:shot=1     a config file with its presets
+    --config.train.steps=2000                   a field override (the config is locked)
+    --config.stages="('train', 'eval')"         run only some stages
+    --workdir=DIR                               where checkpoints, features and results go
+
+A problem the user can fix (a dataset not built, a missing earlier stage, a NaN loss) ends
+the run with a one-line message and exit status 2; what was saved before stays.
+"""
+
+from __future__ import annotations
+
+import logging as pylogging
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from metadiff_jax.errors import UserError
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "the config file (and presets)",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "the run's directory")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+class _QuietLibraries(pylogging.Filter):
+  """Drops the INFO chatter of Orbax and TFDS (each save logs a dozen lines); keeps warnings."""
+
+  def filter(self, record: pylogging.LogRecord) -> bool:
+    noisy = ("/orbax/", "/tensorflow_datasets/", "/etils/")
+    return record.levelno >= pylogging.WARNING or not any(n in record.pathname for n in noisy)
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  from metadiff_jax import stages  # after flag parsing: keeps --help fast
+  try:
+    stages.run(_CONFIG.value, _WORKDIR.value)
+  except UserError as e:
+    logging.flush()
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def _parse_flags(argv):
+  """absl's flag parsing, with config mistakes reported in one line (exit status 2)."""
+  try:
+    return flags.FLAGS(argv)
+  except Exception as e:  # noqa: BLE001  (flag and config errors arrive as several types)
+    print(f"error: {_one_line(e)}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def _one_line(error: Exception) -> str:
+  text = str(error)
+  if "Error: " in text and "Traceback" in text:  # an exception raised inside get_config
+    text = text.rsplit("Error: ", 1)[-1]
+  elif isinstance(error, (AttributeError, KeyError)) or "Did you mean" in text:
+    text = (f"unknown config field {text.strip()}; check the --config.* overrides against "
+            "the config file")
+  return " ".join(text.replace("\\n", " ").split())
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=_parse_flags)

@@ -1,0 +1,37 @@
+"""The pipeline's stages, each an importable `stage(config, workdir)`, and `run` for all of them.
+
+1. `pretrain`: the embedding network on all base classes (or an imported PyTorch backbone).
+2. `prototypes`: the feature cache of every split and the diffusion targets w0.
+3. `train`: diffusion training of one TCUNet per shot setting.
+4. `eval`: MetaDiff, the untrained denoiser and class-mean prototypes on the test episodes.
+
+Each stage restores its own checkpoint from the workdir if there is one and skips work already
+done, so `run` can be called again after an interruption, or with more steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+from metadiff_jax import config_lib
+from metadiff_jax.stages import common, evaluate, pretrain, prototypes, train
+
+STAGES = {"pretrain": pretrain.stage, "prototypes": prototypes.stage, "train": train.stage,
+          "eval": evaluate.stage}
+
+
+def run(config, workdir: str) -> None:
+  """Runs config.stages in order in `workdir` (created if needed)."""
+  config_lib.check(config)
+  root = common.prepare_workdir(workdir)
+  logging.info("devices: %s", common.device_summary())
+  common.log_config(config)
+  if common.is_writer():
+    common.write_json(os.path.join(root, "config.json"), config.to_dict())
+  for name in config_lib.stages_of(config):
+    start = time.time()
+    logging.info("stage %s: starting", name)
+    STAGES[name](config, root)
+    logging.info("stage %s: finished in %.1f s", name, time.time() - start)

@@ -1,0 +1,209 @@
+"""Stage 3: diffusion training of the TCUNet on base-class episodes (Algorithm 1, Eq. 12).
+
+Each step draws `episodes_per_step` N-way K-shot episodes from the base split's feature cache;
+an episode's target w0 is the class means of its classes (the prototypes stage), its support
+set conditions the denoiser, and the loss is Eq. 12 at a random step t with fresh noise.
+The optimiser is the original's: Adam with L2 weight decay added to the gradient, and an EMA of
+the parameters (copied outright for the first `ema_start_step` steps) that validation and test
+use. One denoiser is trained per shot setting, in WORKDIR/train_<K>shot.
+
+Steps run `steps_per_call` at a time inside one compiled `lax.scan`. Episode b of step s is
+episode s * B + b of the sampler and the noise of step s comes from fold_in(key, s), so a run
+resumed from any checkpoint reproduces the uninterrupted one exactly. Every
+`val_every_steps` (and at the end) the EMA parameters denoise a few hundred validation
+episodes with the full sampler; the best are kept in train_<K>shot/best.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from metadiff_jax import checkpoint, diffusion, metrics, schedule, tcunet
+from metadiff_jax.data import episodes as episodes_lib
+from metadiff_jax.errors import ConfigError, TrainingError
+from metadiff_jax.stages import common
+from metadiff_jax.stages import prototypes as prototypes_stage
+from metadiff_jax.train_state import DiffusionState, adam_l2, ema_update
+
+
+def run_dir(workdir: str, shots: int) -> str:
+  return common.stage_dir(workdir, f"train_{shots}shot")
+
+
+def denoiser(config, feature_dim: int) -> tcunet.TCUNet:
+  d = config.denoiser
+  if d.feature_dim is not None and d.feature_dim != feature_dim:
+    raise ConfigError(f"config.denoiser.feature_dim = {d.feature_dim} but the backbone's "
+                      f"features have {feature_dim} dimensions; leave it unset (None)")
+  return tcunet.TCUNet(feature_dim=feature_dim, hidden_dims=d.hidden_dims,
+                       time_embed_dim=d.time_embed_dim, loss_reduction=d.loss_reduction)
+
+
+def initial_state(config, feature_dim: int, shots: int):
+  """(model, schedule, state at step 0) of the K-shot denoiser."""
+  model = denoiser(config, feature_dim)
+  ways = config.train.ways
+  variables = model.init(common.key(config, "denoiser_init", shots),
+                         jnp.zeros((ways, feature_dim)), 0,
+                         jnp.zeros((ways * shots, feature_dim)),
+                         jnp.repeat(jnp.arange(ways), shots))
+  t = config.train
+  state = DiffusionState.create(apply_fn=model.apply, params=variables["params"],
+                                tx=adam_l2(t.learning_rate, t.weight_decay),
+                                # a copy: train_steps donates the state's buffers
+                                ema_params=jax.tree_util.tree_map(jnp.copy, variables["params"]))
+  return model, schedule.from_config(config), state
+
+
+@functools.partial(jax.jit, static_argnames=("model", "ema_decay", "ema_start_step"),
+                   donate_argnums=(1,))
+def train_steps(model, state: DiffusionState, sched, features_dev, targets, support_idx,
+                support_labels, classes, key, ema_decay: float, ema_start_step: int):
+  """Several optimiser steps in one `lax.scan`.
+
+  Args:
+    model: the TCUNet.
+    state: the train state.
+    sched: the schedule.
+    features_dev: [n, D] base features.
+    targets: [C, D] the base-class targets.
+    support_idx, support_labels: [S, B, N*K] episode indices and labels, S steps of B episodes.
+    classes: [S, B, N] base class of each episode label.
+    key: the diffusion key; step s draws t and the noise from fold_in(key, s).
+    ema_decay, ema_start_step: the EMA's decay and the steps it copies outright.
+
+  Returns:
+    (state, losses [S]).
+  """
+
+  def one_step(state, batch):
+    idx, labels, cls = batch
+    support = jnp.take(features_dev, idx, axis=0)  # [B, N*K, D]
+    w0 = jnp.take(targets, cls, axis=0)  # [B, N, D]
+    step_key = jax.random.fold_in(key, state.step)
+
+    def loss_fn(params):
+      return diffusion.loss(model, {"params": params}, sched, w0, support, labels, step_key)
+
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    state = state.apply_gradients(grads=grads)
+    state = state.replace(ema_params=ema_update(state.ema_params, state.params, state.step,
+                                                ema_decay, ema_start_step))
+    return state, loss
+
+  return jax.lax.scan(one_step, state, (support_idx, support_labels, classes))
+
+
+def stage(config, workdir: str) -> None:
+  """Trains one denoiser per shot setting in config.train.shots."""
+  base = common.split_features(config, workdir, "train")
+  targets = prototypes_stage.load_targets(workdir, base)
+  val = common.split_features(config, workdir, "val")
+  for shots in config.train.shots:
+    train_shot(config, workdir, int(shots), base, targets, val)
+
+
+def train_shot(config, workdir: str, shots: int, base, targets: np.ndarray, val) -> None:
+  """Diffusion training of the K-shot denoiser, resumed from its latest checkpoint."""
+  from metadiff_jax.stages import evaluate  # the validation metrics
+  t = config.train
+  out = run_dir(workdir, shots)
+  model, sched, state = initial_state(config, base.features.shape[1], shots)
+  latest = checkpoint.Checkpoints(os.path.join(out, "checkpoints"), max_to_keep=2)
+  best = checkpoint.Checkpoints(os.path.join(out, "best"), max_to_keep=1)
+  meta = {"best_val_accuracy": -1.0, "best_step": -1}
+  try:
+    if latest.latest_step() is not None:
+      try:
+        state, meta = latest.restore(state)
+      except ValueError as e:
+        raise TrainingError(f"the checkpoint in {out}/checkpoints does not fit the config "
+                            f"({str(e).splitlines()[0]}); use the config it was written with "
+                            f"or delete {out}") from None
+      logging.info("train %d-shot: resumed from step %d", shots, int(state.step))
+    step = int(state.step)
+    if step >= t.steps and best.latest_step() is not None:
+      logging.info("train %d-shot: done (%d steps; best validation accuracy %.4f at step %d);"
+                   " skipping", shots, step, meta["best_val_accuracy"], meta["best_step"])
+      return
+    sampler = episodes_lib.EpisodeSampler(base.labels, t.ways, shots, 0, config.seed,
+                                          f"train-{shots}shot")
+    val_sampler = episodes_lib.EpisodeSampler(val.labels, t.ways, shots, t.val_queries,
+                                              config.seed, "val")
+    features_dev = jnp.asarray(base.features)
+    targets_dev = jnp.asarray(targets, jnp.float32)
+    key = common.key(config, "diffusion", shots)
+    val_key = common.key(config, "sampling", 1)
+    b = t.episodes_per_step
+    logging.info("train %d-shot: %d steps of %d episodes, %d base classes, D = %d", shots,
+                 t.steps, b, base.num_classes, base.features.shape[1])
+    writer = metrics.MetricWriter(out, enabled=common.is_writer(), resume_step=step)
+
+    def validate_and_save(step, state, meta):
+      m = evaluate.run_episodes(model, {"params": state.ema_params}, sched, val, val_sampler,
+                                t.val_episodes, config.eval.batch_episodes, val_key,
+                                desc=f"validate {shots}-shot", progress=False)
+      acc, ratio = float(m["accuracy"].mean()), float(m["norm_ratio"].mean())
+      proto = float(m["prototype_accuracy"].mean())
+      writer.write(step, {"val_accuracy": acc, "val_norm_ratio": ratio,
+                          "val_prototype_accuracy": proto})
+      logging.info("train %d-shot: step %d, validation accuracy %.4f (class means %.4f), "
+                   "norm ratio %.3g", shots, step, acc, proto, ratio)
+      if acc > meta["best_val_accuracy"]:
+        meta = dict(meta, best_val_accuracy=acc, best_step=step)
+        if best.latest_step() != step:
+          best.save(step, state, {"val_accuracy": acc, "norm_ratio": ratio})
+      latest.save(step, state, meta)
+      return meta
+
+    if t.steps == 0:  # nothing to train: keep the initial denoiser, validated
+      meta = validate_and_save(0, state, meta)
+    bar = metrics.Progress(t.steps, f"train {shots}-shot", initial=step, unit="step")
+    window = []  # the losses since the last logged step
+    try:
+      while step < t.steps:
+        count = min(t.steps_per_call, t.steps - step)
+        eps = sampler.batch(step * b, count * b)
+        shape = lambda x: x.reshape(count, b, *x.shape[1:])
+        state, losses = train_steps(
+            model, state, sched, features_dev, targets_dev, shape(eps.support),
+            shape(eps.support_labels), shape(eps.classes), key, float(t.ema_decay),
+            int(t.ema_start_step))
+        losses = np.asarray(losses)
+        if not np.all(np.isfinite(losses)):
+          bad = step + 1 + int(np.argmin(np.isfinite(losses)))
+          raise TrainingError(
+              f"the diffusion loss became {losses[bad - step - 1]} at step {bad}; kept the "
+              f"last good checkpoint (step {latest.latest_step()}) in {out}/checkpoints; lower "
+              "config.train.learning_rate or check the features")
+        previous, step = step, step + count
+        bar.update(count, loss=f"{losses.mean():.4f}")
+        crossed = lambda every: every and step // every > previous // every
+        window.append(losses)
+        if crossed(t.log_every_steps) or step == t.steps:
+          writer.write(step, {"loss": float(np.concatenate(window).mean())})
+          window = []
+        if crossed(t.val_every_steps) or step == t.steps:
+          meta = validate_and_save(step, state, meta)
+        elif crossed(t.checkpoint_every_steps):
+          latest.save(step, state, meta)
+    finally:
+      bar.close()
+      writer.close()
+  finally:
+    latest.close()
+    best.close()
+  if common.is_writer():
+    records = metrics.read_jsonl(os.path.join(out, "metrics.jsonl"))
+    metrics.plot_curves(records, ["loss", "val_accuracy", "val_norm_ratio"],
+                        os.path.join(out, "curves.png"),
+                        title=f"diffusion training, {t.ways}-way {shots}-shot",
+                        logy_keys=("loss",))
+  logging.info("train %d-shot: done; best validation accuracy %.4f at step %d", shots,
+               meta["best_val_accuracy"], meta["best_step"])

@@ -1,0 +1,387 @@
+"""The pipeline on a tiny glyph dataset: each stage, the whole run, resuming, and bad input.
+
+The dataset is 40 glyph classes of 16 x 16 pixels (26 / 6 / 8 classes), the diffusion has
+T = 10 steps, and every stage runs a handful of steps, so that the suite stays fast on two
+CPU cores while every code path of the real run is taken.
+"""
+
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import REPO
+from metadiff_jax import checkpoint, config_lib, stages
+from metadiff_jax.data import builders, episodes
+from metadiff_jax.data.errors import DataError
+from metadiff_jax.errors import ConfigError, StageError, TrainingError, UserError
+from metadiff_jax.stages import common, evaluate, pretrain, prototypes, train
+
+
+def load_config(name, arg=None):
+  spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+  path = tmp_path_factory.mktemp("tfds")
+  config = builders.GlyphsConfig(name="tiny", num_classes=40, images_per_class=20,
+                                 image_size=16)
+  builders.build(builders.make_builder("glyphs", str(path), config=config))
+  return str(path)
+
+
+TINY_OVERRIDES = [
+    "--config.data.builder_config=tiny", "--config.pretrain.epochs=2",
+    "--config.pretrain.batch_size=32", "--config.pretrain.val_episodes=20",
+    "--config.pretrain.log_every_steps=5", "--config.diffusion.num_steps=10",
+    "--config.denoiser.hidden_dims=(32, 16)", "--config.train.shots=(1,)",
+    "--config.train.steps=20", "--config.train.steps_per_call=5",
+    "--config.train.val_every_steps=10", "--config.train.val_episodes=10",
+    "--config.train.log_every_steps=5", "--config.train.checkpoint_every_steps=5",
+    "--config.train.ema_start_step=5", "--config.eval.episodes=20",
+    "--config.eval.batch_episodes=8",
+]
+
+
+def tiny_config(data_dir, **sections):
+  """glyphs_conv4 shrunk to seconds; `sections` maps 'train.steps' style names to values."""
+  config = load_config("glyphs_conv4")
+  config.data.data_dir = data_dir
+  config.data.builder_config = "tiny"
+  config.pretrain.update(dict(epochs=2, batch_size=32, val_episodes=20, log_every_steps=5))
+  config.diffusion.num_steps = 10
+  config.denoiser.hidden_dims = (32, 16)
+  config.train.update(dict(shots=(1,), steps=20, steps_per_call=5, val_every_steps=10,
+                           val_episodes=10, log_every_steps=5, checkpoint_every_steps=5,
+                           ema_start_step=5))
+  config.eval.update(dict(episodes=20, batch_episodes=8))
+  for name, value in sections.items():
+    section, field = name.split("__")
+    config[section][field] = value
+  return config
+
+
+@pytest.fixture(scope="session")
+def upstream(data_dir, tmp_path_factory):
+  """A workdir where pretrain and prototypes have run (copied by the tests that need it)."""
+  workdir = str(tmp_path_factory.mktemp("upstream"))
+  config = tiny_config(data_dir)
+  pretrain.stage(config, workdir)
+  prototypes.stage(config, workdir)
+  return workdir
+
+
+def copy_of(upstream, tmp_path):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(upstream, workdir)
+  return workdir
+
+
+def tree_equal(a, b):
+  la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+  return len(la) == len(lb) and all(np.array_equal(np.asarray(x), np.asarray(y))
+                                    for x, y in zip(la, lb))
+
+
+def latest_train_state(config, workdir, shots=1):
+  feature_dim = common.split_features(config, workdir, "train", progress=False).features.shape[1]
+  _, _, template = train.initial_state(config, feature_dim, shots)
+  with checkpoint.Checkpoints(os.path.join(train.run_dir(workdir, shots), "checkpoints")) as c:
+    return c.restore(template)[0]
+
+
+# ----------------------------------------------------------------------------- each stage
+
+def test_pretrain_keeps_the_best_epoch_and_logs_curves(data_dir, upstream):
+  out = os.path.join(upstream, "pretrain")
+  records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+  val = [r for r in records if "val_accuracy" in r]
+  assert [r["epoch"] for r in val] == [1.0, 2.0]
+  assert all(np.isfinite(r["loss"]) for r in records if "loss" in r)
+  best_epoch = max(val, key=lambda r: r["val_accuracy"])
+  with checkpoint.Checkpoints(os.path.join(out, "best")) as best:
+    assert best.metadata()["val_accuracy"] == pytest.approx(best_epoch["val_accuracy"])
+    assert best.latest_step() == best_epoch["step"]
+  assert open(os.path.join(out, "curves.png"), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+  assert os.listdir(os.path.join(out, "tensorboard"))
+
+
+def test_prototypes_are_the_class_means_of_the_cached_base_features(data_dir, upstream):
+  config = tiny_config(data_dir)
+  base = common.split_features(config, upstream, "train", progress=False)
+  targets = prototypes.load_targets(upstream, base)
+  expected = np.stack([base.features[base.labels == c].mean(0) for c in range(26)])
+  assert targets.shape == (26, base.features.shape[1])
+  np.testing.assert_allclose(targets, expected, rtol=1e-5, atol=1e-5)
+  # One augmented pass (the original's choice) gives other, finite targets.
+  module, variables = common.pretrained_backbone(config, upstream)
+  augmented = prototypes.augmented_class_means(config, module, variables,
+                                               common.load_split(config, "train"), 1)
+  assert augmented.shape == targets.shape and np.all(np.isfinite(augmented))
+  assert not np.allclose(augmented, targets)
+
+
+def test_train_and_eval_stages(data_dir, upstream, tmp_path):
+  workdir = copy_of(upstream, tmp_path)
+  config = tiny_config(data_dir)
+  train.stage(config, workdir)
+  out = train.run_dir(workdir, 1)
+  records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+  assert [r["step"] for r in records if "loss" in r] == [5, 10, 15, 20]
+  assert [r["step"] for r in records if "val_accuracy" in r] == [10, 20]
+  state = latest_train_state(config, workdir)
+  assert int(state.step) == 20
+  # EMA copied outright for 5 steps, then averaged with decay 0.999: close to, not equal to,
+  # the parameters.
+  assert not tree_equal(state.params, state.ema_params)
+
+  summary = evaluate.stage(config, workdir)
+  result = summary["results"]["1shot"]
+  for method in ("metadiff", "untrained", "prototypes"):
+    assert result[method]["n"] == 20 and 0 <= result[method]["mean"] <= 1
+  assert result["untrained"]["norm_ratio"] > 0
+  # The class-mean row, recomputed here from the cached test features with numpy.
+  test = common.split_features(config, workdir, "test", progress=False)
+  sampler = episodes.EpisodeSampler(test.labels, 5, 1, 15, config.seed, "test")
+  eps = sampler.batch(0, 20)
+  accs = []
+  for b in range(20):
+    support, query = test.features[eps.support[b]], test.features[eps.query[b]]
+    protos = np.stack([support[eps.support_labels[b] == k].mean(0) for k in range(5)])
+    cos = (query / np.linalg.norm(query, axis=1, keepdims=True)) @ (
+        protos / np.linalg.norm(protos, axis=1, keepdims=True)).T
+    accs.append(np.mean(cos.argmax(1) == eps.query_labels[b]))
+  assert result["prototypes"]["mean"] == pytest.approx(np.mean(accs), abs=1e-6)
+  assert result["prototypes"]["ci95"] == pytest.approx(1.96 * np.std(accs) / np.sqrt(20),
+                                                       abs=1e-6)
+  saved = json.load(open(os.path.join(workdir, "results.json")))
+  assert saved["results"]["1shot"]["metadiff"] == result["metadiff"]
+  md = open(os.path.join(workdir, "results.md")).read()
+  assert "MetaDiff (trained TCUNet, EMA)" in md and "Class-mean prototypes" in md
+  assert "](train_1shot/curves.png)" in md and "](pretrain/curves.png)" in md
+
+  # Everything is done: a second run skips every stage and reports the same numbers.
+  mtime = os.path.getmtime(os.path.join(out, "checkpoints"))
+  stages.run(config, workdir)
+  assert os.path.getmtime(os.path.join(out, "checkpoints")) == mtime
+  again = json.load(open(os.path.join(workdir, "results.json")))
+  assert again["results"] == saved["results"]
+
+
+# ----------------------------------------------------------------------------- the command
+
+def run_main(*args, timeout=600):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", "metadiff_jax.main", *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def test_the_whole_pipeline_from_the_command_line(data_dir, tmp_path):
+  workdir = tmp_path / "run"
+  proc = run_main("--config=configs/glyphs_conv4.py", f"--workdir={workdir}",
+                  f"--config.data.data_dir={data_dir}", *TINY_OVERRIDES)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "| MetaDiff (trained TCUNet, EMA) |" in proc.stdout
+  assert "| Class-mean prototypes (ProtoNet-style) |" in proc.stdout
+  for path in ("config.json", "results.json", "results.md", "pretrain/best",
+               "prototypes/targets.npz", "train_1shot/best", "train_1shot/curves.png",
+               "eval/1shot.json"):
+    assert (workdir / path).exists(), path
+  # The log shows progress with a rate and an ETA.
+  assert "step/s, ETA" in proc.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config=configs/glyphs_conv4.py:shots=1"], "unknown config preset 'shots'"),
+    (["--config=configs/glyphs_conv4.py", "--config.train.stpes=3"], "unknown config field"),
+    (["--config=configs/glyphs_conv4.py", "--config.stages=('pretrian',)"],
+     "unknown stage 'pretrian'"),
+])
+def test_config_mistakes_exit_with_one_line(args, message, tmp_path):
+  proc = run_main(*args, f"--workdir={tmp_path / 'run'}", timeout=300)
+  assert proc.returncode == 2
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: ") and message in last, proc.stderr[-2000:]
+
+
+def test_presets_and_the_locked_config():
+  one = load_config("glyphs_conv4", "shot=1")
+  assert tuple(one.train.shots) == (1,) and config_lib.eval_shots(one) == (1,)
+  assert tuple(load_config("glyphs_conv4").train.shots) == (1, 5)
+  with pytest.raises(ConfigError, match="unknown config preset 'way'"):
+    load_config("glyphs_conv4", "way=3")
+  with pytest.raises(AttributeError):
+    one.train.stpes = 3
+  for name in ("glyphs_conv4", "miniimagenet_resnet12", "tieredimagenet_resnet12",
+               "miniimagenet_conv4", "cifar_fs_resnet12", "fc100_resnet12", "image_folder"):
+    config = load_config(name)
+    config_lib.check(config)
+    assert config.diffusion.num_steps == 1000 and config.train.learning_rate == 1e-4
+  paper = load_config("miniimagenet_resnet12")
+  assert paper.train.steps == 300_000 and paper.train.episodes_per_step == 8
+  assert (paper.pretrain.learning_rate, paper.pretrain.momentum, paper.pretrain.weight_decay,
+          paper.pretrain.batch_size, paper.pretrain.epochs) == (0.1, 0.9, 5e-4, 128, 100)
+
+
+# ----------------------------------------------------------------------------- resuming
+
+def test_resumed_training_equals_an_uninterrupted_run(data_dir, upstream, tmp_path):
+  config = tiny_config(data_dir)
+  whole = copy_of(upstream, tmp_path / "whole")
+  train.stage(config, whole)
+  parts = copy_of(upstream, tmp_path / "parts")
+  train.stage(tiny_config(data_dir, train__steps=10), parts)
+  train.stage(config, parts)
+  a, b = latest_train_state(config, whole), latest_train_state(config, parts)
+  assert int(a.step) == int(b.step) == 20
+  assert tree_equal(a.params, b.params) and tree_equal(a.ema_params, b.ema_params)
+  assert tree_equal(a.opt_state, b.opt_state)
+
+
+def test_resumed_pretraining_equals_an_uninterrupted_run(data_dir, upstream, tmp_path):
+  config = tiny_config(data_dir)
+  parts = str(tmp_path / "parts")
+  pretrain.stage(tiny_config(data_dir, pretrain__epochs=1), parts)
+  pretrain.stage(config, parts)
+  template = pretrain.initial_state(config)
+  states = []
+  for workdir in (upstream, parts):
+    with checkpoint.Checkpoints(os.path.join(workdir, "pretrain", "checkpoints")) as c:
+      states.append(c.restore(template)[0])
+  assert int(states[0].step) == int(states[1].step) == 32
+  assert tree_equal(states[0].params, states[1].params)
+  assert tree_equal(states[0].batch_stats, states[1].batch_stats)
+
+
+KILLED_CHILD = """
+import sys
+sys.path.insert(0, {tests!r})
+from test_pipeline import tiny_config
+from metadiff_jax.stages import train
+config = tiny_config({data_dir!r}, train__steps=200, train__checkpoint_every_steps=10,
+                     train__val_every_steps=1000)
+train.stage(config, {workdir!r})
+"""
+
+
+def test_a_run_killed_by_sigkill_resumes_to_the_same_parameters(data_dir, upstream, tmp_path):
+  killed = copy_of(upstream, tmp_path / "killed")
+  script = KILLED_CHILD.format(tests=str(REPO / "tests"), data_dir=data_dir, workdir=killed)
+  child = subprocess.Popen([sys.executable, "-c", script], cwd=REPO,
+                           env=dict(os.environ, JAX_PLATFORMS="cpu"),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  ckpts = os.path.join(train.run_dir(killed, 1), "checkpoints")
+  deadline = time.time() + 240
+  try:
+    while time.time() < deadline and child.poll() is None:
+      steps = [int(d) for d in os.listdir(ckpts) if d.isdigit()] if os.path.isdir(ckpts) else []
+      if steps and max(steps) >= 20:
+        child.send_signal(signal.SIGKILL)
+        break
+      time.sleep(0.05)
+    child.wait(timeout=60)
+  finally:
+    if child.poll() is None:
+      child.kill()
+  assert child.returncode == -signal.SIGKILL, child.stderr.read()[-2000:]
+  config = tiny_config(data_dir, train__steps=200, train__checkpoint_every_steps=10,
+                       train__val_every_steps=1000)
+  with checkpoint.Checkpoints(ckpts) as c:
+    assert c.latest_step() < 200  # it was killed mid-run
+  train.stage(config, killed)
+  whole = copy_of(upstream, tmp_path / "whole")
+  train.stage(config, whole)
+  a, b = latest_train_state(config, whole), latest_train_state(config, killed)
+  assert int(a.step) == int(b.step) == 200
+  assert tree_equal(a.params, b.params) and tree_equal(a.ema_params, b.ema_params)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def test_a_dataset_that_is_not_built_names_the_build_command(tmp_path):
+  config = tiny_config(str(tmp_path / "empty"))
+  with pytest.raises(DataError, match="python -m metadiff_jax.data build glyphs"):
+    stages.run(config, str(tmp_path / "run"))
+
+
+def test_an_unwritable_workdir(data_dir, tmp_path):
+  blocker = tmp_path / "file"
+  blocker.write_text("not a directory")
+  with pytest.raises(StageError, match="cannot write to workdir"):
+    stages.run(tiny_config(data_dir), str(blocker / "run"))
+
+
+@pytest.mark.parametrize("stage_name", ["prototypes", "train", "eval"])
+def test_later_stages_without_a_pretrained_backbone_name_the_stage_to_run(
+    data_dir, tmp_path, stage_name):
+  config = tiny_config(data_dir)
+  config.stages = (stage_name,)
+  with pytest.raises(StageError, match="run the pretrain stage"):
+    stages.run(config, str(tmp_path / "run"))
+
+
+def test_train_without_targets_and_eval_without_a_denoiser(data_dir, upstream, tmp_path):
+  workdir = copy_of(upstream, tmp_path)
+  os.remove(prototypes.targets_path(workdir))
+  with pytest.raises(StageError, match="run the prototypes stage"):
+    train.stage(tiny_config(data_dir), workdir)
+  with pytest.raises(StageError, match="run the train stage"):
+    evaluate.stage(tiny_config(data_dir), workdir)
+
+
+def test_episodes_the_split_cannot_supply(data_dir, upstream, tmp_path):
+  workdir = copy_of(upstream, tmp_path)
+  with pytest.raises(DataError, match="30-way episodes need 30 classes"):
+    train.stage(tiny_config(data_dir, train__ways=30), workdir)
+  with pytest.raises(DataError, match="need 21 images per class"):
+    evaluate.stage(tiny_config(data_dir, eval__queries=20, eval__shots=(1,)), workdir)
+
+
+def test_a_backbone_checkpoint_that_does_not_fit(data_dir, tmp_path):
+  # A ResNet12 state dict with the standard names but half the widths of the configured one.
+  rng = np.random.default_rng(0)
+  tensors, c_in = {}, 1
+  for layer, width in enumerate((32, 64, 128, 256), start=1):
+    for conv, (i, o) in enumerate(((c_in, width), (width, width), (width, width)), start=1):
+      tensors[f"module.layer{layer}.conv{conv}.weight"] = rng.normal(size=(o, i, 3, 3))
+      for p in ("weight", "bias", "running_mean", "running_var"):
+        tensors[f"module.layer{layer}.bn{conv}.{p}"] = np.ones(o)
+    tensors[f"module.layer{layer}.downsample.0.weight"] = rng.normal(size=(width, c_in, 1, 1))
+    for p in ("weight", "bias", "running_mean", "running_var"):
+      tensors[f"module.layer{layer}.downsample.1.{p}"] = np.ones(width)
+    c_in = width
+  path = tmp_path / "backbone.npz"
+  np.savez(path, **{k: v.astype(np.float32) for k, v in tensors.items()})
+  config = tiny_config(data_dir)
+  config.backbone.name = "resnet12"
+  config.backbone.checkpoint = str(path)
+  config.stages = ("pretrain",)
+  with pytest.raises(UserError, match=r"cannot import the backbone .*layer1") as info:
+    stages.run(config, str(tmp_path / "run"))
+  assert "\n" not in str(info.value)
+
+
+def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(data_dir, upstream,
+                                                                      tmp_path):
+  workdir = copy_of(upstream, tmp_path)
+  config = tiny_config(data_dir, train__steps=10)
+  train.stage(config, workdir)
+  good = latest_train_state(config, workdir)
+  bad = tiny_config(data_dir, train__steps=20, train__learning_rate=1e30)
+  with pytest.raises(TrainingError, match=r"became (nan|inf) at step 1[1-5]; kept the last good "
+                                          r"checkpoint \(step 10\)"):
+    train.stage(bad, workdir)
+  after = latest_train_state(config, workdir)
+  assert int(after.step) == 10 and tree_equal(after.params, good.params)
