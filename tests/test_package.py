@@ -67,7 +67,8 @@ def test_importing_the_package_never_imports_tensorflow():
 def test_the_benchmark_path_imports_without_the_data_stack():
   # GPU machines have JAX, Flax and Optax but not tensorflow-datasets: the benchmarks must run.
   code = ("import sys, metadiff_jax.diffusion, metadiff_jax.data.augment, "
-          "metadiff_jax.data.episodes, metadiff_jax.data.features; "
+          "metadiff_jax.data.episodes, metadiff_jax.data.features, metadiff_jax.backbones, "
+          "metadiff_jax.checkpoint, metadiff_jax.metrics, metadiff_jax.stages; "
           "bad = [m for m in ('tensorflow_datasets', 'tensorflow') if m in sys.modules]; "
           "assert not bad, bad")
   subprocess.run([sys.executable, "-c", code], check=True, timeout=300)

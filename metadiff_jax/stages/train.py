@@ -204,6 +204,6 @@ def train_shot(config, workdir: str, shots: int, base, targets: np.ndarray, val)
     metrics.plot_curves(records, ["loss", "val_accuracy", "val_norm_ratio"],
                         os.path.join(out, "curves.png"),
                         title=f"diffusion training, {t.ways}-way {shots}-shot",
-                        logy_keys=("loss",))
+                        logy_keys=("loss", "val_norm_ratio"))
   logging.info("train %d-shot: done; best validation accuracy %.4f at step %d", shots,
                meta["best_val_accuracy"], meta["best_step"])
