@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from metadiff_jax import backbones, checkpoint, torch_import
+from metadiff_jax import backbones, checkpoint, prototypes, torch_import
 from metadiff_jax.data import augment, features
 from metadiff_jax.errors import StageError, UserError
 
@@ -196,7 +196,6 @@ def import_backbone(config, template_variables):
 def prototype_accuracy(features_dev, support_idx, support_labels, query_idx, query_labels,
                        ways: int):
   """[B] query accuracy of class-mean prototypes under 10 x cosine (the pretrain check)."""
-  from metadiff_jax import prototypes
   support, query = features.gather(features_dev, support_idx, query_idx)
   protos = jax.vmap(prototypes.class_means, (0, 0, None))(support, support_labels, ways)
   logits = prototypes.cosine_logits(query, protos, scale=10.0)

@@ -21,6 +21,7 @@ from fold_in(key, i), so the methods, batch sizes and reruns all see the same st
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 
@@ -28,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from metadiff_jax import checkpoint, diffusion, metrics, prototypes, schedule
+from metadiff_jax import checkpoint, config_lib, diffusion, metrics, prototypes
 from metadiff_jax.data import episodes as episodes_lib
 from metadiff_jax.data import features
 from metadiff_jax.errors import StageError
@@ -130,7 +131,6 @@ def evaluate_shot(config, workdir: str, shots: int, test: features.FeatureSet) -
               "seed": config.seed, "denoiser": fingerprint, "features": test.key}
   cached = os.path.join(common.stage_dir(workdir, "eval"), f"{shots}shot.json")
   if os.path.exists(cached):
-    import json
     with open(cached) as f:
       previous = json.load(f)
     if previous.get("settings") == settings:
@@ -163,7 +163,7 @@ def stage(config, workdir: str) -> dict:
   """Evaluates every trained shot setting; writes WORKDIR/results.json and results.md."""
   test = common.split_features(config, workdir, "test")
   results = {}
-  for shots in common_shots(config):
+  for shots in config_lib.eval_shots(config):
     results[f"{shots}shot"] = evaluate_shot(config, workdir, shots, test)
   summary = {
       "dataset": {"name": config.data.name, "builder_config": config.data.builder_config,
@@ -180,11 +180,6 @@ def stage(config, workdir: str) -> dict:
       f.write(results_markdown(config, workdir, results, table))
   print(table, flush=True)
   return summary
-
-
-def common_shots(config) -> tuple[int, ...]:
-  from metadiff_jax import config_lib
-  return config_lib.eval_shots(config)
 
 
 def results_table(config, results: dict) -> str:
