@@ -35,6 +35,15 @@ def test_readme_test_command_is_what_ci_runs():
   assert test_command.split("&&")[-1].strip() in ci
 
 
+def test_readme_demo_command_runs_the_pipeline_config_that_the_tests_run():
+  first = readme_blocks("bash")[0]
+  assert "python -m metadiff_jax.data build glyphs" in first
+  assert "python -m metadiff_jax.main --config configs/glyphs_conv4.py --workdir" in first
+  assert (REPO / "configs" / "glyphs_conv4.py").exists()
+  # tests/test_pipeline.py runs that config, shrunk, through the same command.
+  assert "configs/glyphs_conv4.py" in (REPO / "tests" / "test_pipeline.py").read_text()
+
+
 def load_config(name):
   spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
   module = importlib.util.module_from_spec(spec)
