@@ -173,9 +173,7 @@ def finalize(config: ml_collections.ConfigDict, arg: str | None = None,
 
 def check(config) -> None:
   """Checks values that a locked config cannot (run before any stage; overrides included)."""
-  stages = tuple(config.stages) if not isinstance(config.stages, str) else tuple(
-      s for s in config.stages.replace(",", " ").split())
-  unknown = [s for s in stages if s not in STAGES]
+  unknown = [s for s in stages_of(config) if s not in STAGES]
   if unknown:
     raise ConfigError(f"unknown stage {unknown[0]!r} in config.stages; choose from "
                       f"{', '.join(STAGES)}")
@@ -201,9 +199,7 @@ def check(config) -> None:
 
 
 def stages_of(config) -> tuple[str, ...]:
-  """config.stages as a tuple (a command line may give "train,eval")."""
-  if isinstance(config.stages, str):
-    return tuple(config.stages.replace(",", " ").split())
+  """config.stages as a tuple of stage names."""
   return tuple(config.stages)
 
 
