@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from metadiff_jax import prototypes
+from metadiff_jax import metrics, prototypes
 from metadiff_jax.data.errors import DataError
 
 
@@ -76,8 +76,7 @@ def embed(apply_fn: Callable, variables, images: np.ndarray, batch_size: int = 2
     raise DataError("cannot embed an empty split")
   fn = jax.jit(apply_fn)
   out = None
-  import tqdm  # a dependency of tensorflow-datasets
-  bar = tqdm.tqdm(total=n, desc=desc, unit="img", disable=not progress, mininterval=1.0)
+  bar = metrics.Progress(n, desc, unit="img", enabled=progress)
   for start in range(0, n, batch_size):
     batch = np.asarray(images[start:start + batch_size])
     valid = len(batch)

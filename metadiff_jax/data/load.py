@@ -16,6 +16,7 @@ import os
 import numpy as np
 import tensorflow_datasets as tfds
 
+from metadiff_jax import metrics
 from metadiff_jax.data.errors import DataError
 
 DEFAULT_DATA_DIR = os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")
@@ -142,7 +143,7 @@ def load_split(ref: DatasetRef, split: str, batch_size: int = 1024,
   first = source[0]
   images = np.empty((n, *first["image"].shape), np.uint8)
   labels = np.empty((n,), np.int32)
-  bar = _progress(n, f"reading {ref.name}/{split}", progress)
+  bar = metrics.Progress(n, f"reading {ref.name}/{split}", unit="img", enabled=progress)
   for start in range(0, n, batch_size):
     idx = list(range(start, min(n, start + batch_size)))
     for i, record in zip(idx, source.__getitems__(idx)):
@@ -156,7 +157,3 @@ def load_split(ref: DatasetRef, split: str, batch_size: int = 1024,
                     f" is damaged; delete it and rebuild with: {ref.build_command()}")
   return SplitArrays(images, labels, names, fingerprint(ref))
 
-
-def _progress(total: int, desc: str, enabled: bool):
-  import tqdm  # tfds depends on tqdm; imported here to keep module import light
-  return tqdm.tqdm(total=total, desc=desc, unit="img", disable=not enabled, mininterval=1.0)

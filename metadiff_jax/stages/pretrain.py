@@ -41,10 +41,11 @@ class Classifier(nn.Module):
     return nn.Dense(self.num_classes, name="head")(self.backbone(x, train=train))
 
 
-def _image_shape(config) -> tuple[int, ...]:
+def _base_split_shape(config) -> tuple[tuple[int, ...], int]:
+  """(image shape, image count) of the built base split, without reading its images."""
   from metadiff_jax.data import load
   source = load.open_source(common.dataset_ref(config), "train")
-  return tuple(source[0]["image"].shape)
+  return tuple(source[0]["image"].shape), len(source)
 
 
 def steps_per_epoch(config, num_images: int) -> int:
@@ -60,11 +61,9 @@ def _optimizer(config, steps_per_epoch_: int):
 
 def initial_state(config, image_shape=None, num_images: int | None = None) -> PretrainState:
   """The state at step 0 (also the template that checkpoints are restored into)."""
-  image_shape = image_shape or _image_shape(config)
+  if image_shape is None or num_images is None:
+    image_shape, num_images = _base_split_shape(config)
   num_base = common.num_classes(config, "train")
-  if num_images is None:
-    from metadiff_jax.data import load
-    num_images = len(load.open_source(common.dataset_ref(config), "train"))
   model = Classifier(common.backbone(config), num_base)
   # One compiled init (an eager init compiles every layer shape on its own: slow for ResNet12).
   init = jax.jit(functools.partial(model.init, train=False))
