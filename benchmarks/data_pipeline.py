@@ -17,10 +17,6 @@ Figures: docs/PERFORMANCE.md.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import pathlib
-import platform
 import statistics
 import time
 
@@ -30,33 +26,14 @@ import numpy as np
 
 from metadiff_jax.data import augment, episodes, features
 
+import bench_common
+
 
 def host_batch(rng: np.random.Generator, images: np.ndarray, batch_size: int,
                config: augment.AugmentConfig) -> np.ndarray:
-  """The baseline: the same augmentations in NumPy, one image at a time, on the host."""
+  """The baseline: indices drawn, then the same augmentations in NumPy, image by image."""
   idx = rng.integers(0, len(images), batch_size)
-  pad = config.crop_padding
-  mean, std = np.asarray(config.mean, np.float32), np.asarray(config.std, np.float32)
-  weights = np.asarray([0.299, 0.587, 0.114], np.float32)
-  out = np.empty((batch_size, *images.shape[1:]), np.float32)
-  h, w = images.shape[1:3]
-  for b, i in enumerate(idx):
-    x = images[i].astype(np.float32) / 255
-    if pad:
-      x = np.pad(x, ((pad, pad), (pad, pad), (0, 0)))
-      dy, dx = rng.integers(0, 2 * pad + 1, 2)
-      x = x[dy:dy + h, dx:dx + w]
-    if config.flip and rng.random() < 0.5:
-      x = x[:, ::-1]
-    x = np.clip(x * rng.uniform(1 - config.brightness, 1 + config.brightness), 0, 1)
-    grey = x @ weights[:, None]
-    m = grey.mean()
-    x = np.clip(m + rng.uniform(1 - config.contrast, 1 + config.contrast) * (x - m), 0, 1)
-    grey = x @ weights[:, None]
-    x = np.clip(grey + rng.uniform(1 - config.saturation, 1 + config.saturation) * (x - grey),
-                0, 1)
-    out[b] = (x - mean) / std
-  return out
+  return bench_common.numpy_augment(images[idx], config, rng)
 
 
 def time_it(fn, repeats: int) -> float:
@@ -116,9 +93,7 @@ def main():
       features.gather(feats, batch.support, batch.query)), args.repeats)
 
   result = {
-      "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                  "cpus": os.cpu_count(), "device": str(jax.devices()[0]),
-                  "jax": jax.__version__},
+      **bench_common.machine(),
       "settings": vars(args),
       "pretraining": {
           "device_images_per_s": n_images / device_s,
@@ -130,10 +105,9 @@ def main():
           "gather_episodes_per_s": args.episodes / gather_s,
       },
   }
-  pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-  pathlib.Path(args.out).write_text(json.dumps(result, indent=2))
+  bench_common.write_json(args.out, result)
   p, e = result["pretraining"], result["episodes"]
-  print(f"device: {result['machine']['device']}; {size}x{size}x3 images, batch "
+  print(f"device: {result['device']} ({result['platform']}); {size}x{size}x3 images, batch "
         f"{args.batch_size}; written to {args.out}")
   print("| what | rate | baseline (same process) | ratio |\n|---|---:|---:|---:|")
   print(f"| pretraining batches (crop, flip, jitter, normalise) | "

@@ -4,11 +4,11 @@
     python -m metadiff_jax.main --config configs/glyphs_conv4.py --workdir runs/glyphs_conv4
 
 Sized for the README's demo (under 10 minutes on a 2-core CPU, install included). Measured on
-a 2-core Xeon VM, CPU only: 3 min 35 s for the four stages (pretrain 99 s, prototypes 4 s,
-train 79 s, eval 32 s). It printed, on 600 test episodes (mean +- 95% CI):
+a 2-core Xeon VM, CPU only: 3 min 50 s for the four stages (pretrain 102 s, prototypes 4 s,
+train 90 s, eval 33 s). It printed, on 600 test episodes (mean +- 95% CI):
 
     method                          5-way 1-shot     5-way 5-shot
-    MetaDiff (trained TCUNet, EMA)  97.48 +- 0.34%   99.82 +- 0.06%
+    MetaDiff (trained TCUNet, EMA)  97.54 +- 0.34%   99.82 +- 0.06%
     same sampler, untrained TCUNet  98.30 +- 0.26%   99.81 +- 0.06%
     class-mean prototypes           98.29 +- 0.26%   99.81 +- 0.06%
 

@@ -19,6 +19,8 @@ from metadiff_jax.data import augment
 from metadiff_jax.errors import ConfigError
 
 STAGES = ("pretrain", "prototypes", "train", "eval")
+DTYPES = ("float32", "bfloat16")
+PRECISIONS = ("default", "high", "highest")
 
 
 def base_config(dataset: str = "glyphs", backbone: str = "conv4") -> ml_collections.ConfigDict:
@@ -54,6 +56,9 @@ def base_config(dataset: str = "glyphs", backbone: str = "conv4") -> ml_collecti
   # Meta-Baseline's ResNet12 activates after the fourth block's sum, the original's does not.
   config.backbone.activate_last = False
   config.backbone.dropblock_rate = config_dict.placeholder(float)  # None: the backbone's own
+  # Computation dtype of pretraining and feature extraction ("float32" or "bfloat16");
+  # parameters, batch statistics and the loss stay float32 either way.
+  config.backbone.compute_dtype = "float32"
 
   # Backbone pretraining: cross-entropy over all base classes with a linear head, the
   # Classifier-Baseline recipe (Chen et al. 2021; its miniImageNet setting below).
@@ -87,6 +92,14 @@ def base_config(dataset: str = "glyphs", backbone: str = "conv4") -> ml_collecti
   config.diffusion.num_steps = 1000
   config.diffusion.beta_start = 1e-4
   config.diffusion.beta_end = 0.02
+  # Sampling (validation and evaluation). num_sampling_steps K < num_steps respaces the
+  # reverse process to K of the T steps (Nichol & Dhariwal 2021); None runs all T. The
+  # denoiser's layers compute in sampler_dtype ("float32" or "bfloat16"; the weights being
+  # denoised stay float32) with matmul precision sampler_precision ("default", "high" or
+  # "highest"); docs/PERFORMANCE.md measures what each changes.
+  config.diffusion.num_sampling_steps = config_dict.placeholder(int)
+  config.diffusion.sampler_dtype = "float32"
+  config.diffusion.sampler_precision = "default"
 
   # Section 4.3: the TCUNet. feature_dim None: the backbone's; hidden_dims None: (D/2, D/4).
   config.denoiser = ml_collections.ConfigDict()
@@ -192,10 +205,37 @@ def check(config) -> None:
     if shots is not None and (not shots or any(int(k) != k or k < 1 for k in shots)):
       raise ConfigError(f"config.{shots_field} must be a tuple of positive ints like (1, 5), "
                         f"got {shots!r}")
+  for field, allowed in (("backbone.compute_dtype", DTYPES),
+                         ("diffusion.sampler_dtype", DTYPES),
+                         ("diffusion.sampler_precision", PRECISIONS)):
+    section, name = field.split(".")
+    if config[section][name] not in allowed:
+      raise ConfigError(f"config.{field} must be one of {', '.join(allowed)}, got "
+                        f"{config[section][name]!r}")
+  k = config.diffusion.num_sampling_steps
+  if k is not None and (int(k) != k or not 1 <= k <= config.diffusion.num_steps):
+    raise ConfigError(f"config.diffusion.num_sampling_steps must be an integer in [1, "
+                      f"num_steps = {config.diffusion.num_steps}] or None, got {k!r}")
+  _check_device_split(config)
   if config.prototypes.augmented_passes < 0:
     raise ConfigError("config.prototypes.augmented_passes must be >= 0 (0: clean images)")
   if not 0 <= config.train.ema_decay < 1:
     raise ConfigError(f"config.train.ema_decay must be in [0, 1), got {config.train.ema_decay}")
+
+
+def _check_device_split(config) -> None:
+  """Batches that the stages to run split over the devices must split evenly."""
+  from metadiff_jax import mesh  # touches the devices: only when a run is checked
+  shards = mesh.num_shards()
+  stages = stages_of(config)
+  for stage, field in (("pretrain", "pretrain.batch_size"),
+                       ("train", "train.episodes_per_step")):
+    section, name = field.split(".")
+    value = config[section][name]
+    imported = stage == "pretrain" and config.backbone.checkpoint
+    if stage in stages and not imported and value % shards:
+      raise ConfigError(f"config.{field} = {value} does not split over the {shards} devices "
+                        f"of this run; make it a multiple of {shards}")
 
 
 def stages_of(config) -> tuple[str, ...]:

@@ -5,12 +5,19 @@
   all entries of the batch.
 - Inference (Algorithm 2, Eq. 8 as the original code runs it): starting from w_T ~ N(0, I),
   w_{t-1} = (w_t - beta_t / sqrt(1 - abar_t) * eps_theta(w_t, S, t)) / sqrt(alpha_t)
-  for t = T-1, ..., 0, with no noise term. The whole loop is one `lax.scan`; the support set's
-  class sums and counts are computed once per episode, before it.
+  for t = T-1, ..., 0, with no noise term. The whole loop is one `lax.scan` over all episodes
+  at once. Before it, the support set's class sums and counts are computed once per episode,
+  and the network's time features (embedding, gate, block factors) once per step for all
+  steps; each step is then the support-loss gradient and one matmul per block over all
+  episodes' rows.
+- Respaced inference (Nichol & Dhariwal 2021, Section 4): the sampler takes any schedule, so a
+  K-step schedule from `schedule.respace` runs K steps; at step i it tells the network the
+  training step `sched.timesteps[i]` and updates with the respaced coefficients at i.
 
 The model is any Flax module with TCUNet's interface: `__call__(w_t, t, support, labels)` for
-training and `denoise(w_t, t, stats)` for the sampler. Functions named `*_batch` and `loss*`
-take a leading episode axis B and vmap over it; `sample` works on one episode.
+training, and `time_features(t)`, `support_gradient(w_t, stats)` and
+`from_gradient_and_time(grad, time_features, grad_in)` for the sampler. Functions named
+`*_batch` and `loss*` take a leading episode axis B; `sample` works on one episode.
 """
 
 from __future__ import annotations
@@ -94,79 +101,157 @@ def loss(model, variables, sched: Schedule, w0, support, support_labels, key):
 
 
 def sample(model, variables, sched: Schedule, w_T, support, support_labels, *,
-           trajectory_every: Optional[int] = None):
-  """Denoises one episode's weights from step T-1 down to 0.
+           trajectory_every: Optional[int] = None, dtype=None, precision=None):
+  """Denoises one episode's weights from the schedule's last step down to step 0.
 
   Args:
     model: the denoiser module.
     variables: its variables.
-    sched: the schedule.
+    sched: the sampler's schedule, the training schedule or a respaced one
+      (`schedule.respace`, `schedule.for_sampling`); K = sched.num_steps steps.
     w_T: [N, D] starting weights, N(0, I) in MetaDiff.
     support: [S, D] support features.
     support_labels: [S] ints in [0, N).
-    trajectory_every: if set to k (dividing T), also return the weights every k steps.
+    trajectory_every: if set to k (dividing K), also return the weights every k steps.
+    dtype: computation dtype of the network's layers (e.g. jnp.bfloat16); None keeps the
+      model's. The carried weights, the support-loss gradient and the update stay float32.
+    precision: matmul precision of the network's layers, a `jax.lax.Precision` or its name
+      ("default", "high", "highest"); None keeps the model's.
 
   Returns:
     w0: [N, D]; with `trajectory_every=k` the pair (w0, trajectory), where trajectory is
-    [T // k + 1, N, D] and entry j holds the weights after j * k reverse steps (entry 0 is
+    [K // k + 1, N, D] and entry j holds the weights after j * k reverse steps (entry 0 is
     w_T, the last is w0).
   """
   _check_args(w_T, support, support_labels, "w_T", batched=False)
   _check_trajectory_every(trajectory_every, sched.num_steps)
-  return _sample_jit(model, variables, sched, w_T, support, support_labels, trajectory_every)
+  return _sample_jit(model, variables, sched, w_T, support, support_labels, trajectory_every,
+                     _canonical_dtype(dtype), _canonical_precision(precision))
 
 
 def sample_batch(model, variables, sched: Schedule, w_T, support, support_labels, *,
-                 trajectory_every: Optional[int] = None):
-  """`sample` over a leading episode axis, in one compiled call (once per input shape).
+                 trajectory_every: Optional[int] = None, dtype=None, precision=None):
+  """`sample` over a leading episode axis, in one compiled call.
+
+  Compiled once per input shape, number of steps K, `dtype`, `precision` and
+  `trajectory_every`; new values (weights, episodes, schedule coefficients) reuse it.
 
   Args:
     w_T: [B, N, D]; support: [B, S, D]; support_labels: [B, S]; the rest as in `sample`.
 
   Returns:
-    w0: [B, N, D], or (w0, trajectory [B, T // k + 1, N, D]) with `trajectory_every=k`.
+    w0: [B, N, D], or (w0, trajectory [B, K // k + 1, N, D]) with `trajectory_every=k`.
   """
   _check_args(w_T, support, support_labels, "w_T", batched=True)
   _check_trajectory_every(trajectory_every, sched.num_steps)
   return _sample_batch_jit(
-      model, variables, sched, w_T, support, support_labels, trajectory_every)
+      model, variables, sched, w_T, support, support_labels, trajectory_every,
+      _canonical_dtype(dtype), _canonical_precision(precision))
 
 
-def _sample_episode(model, variables, sched, w_T, support, support_labels, trajectory_every):
-  """The reverse loop for one episode; traced, never called on host arrays directly."""
-  # Constant over the loop: hoisted out of the scan.
-  stats = prototypes.support_stats(support, support_labels, w_T.shape[0])
+PRECISIONS = {"default": jax.lax.Precision.DEFAULT, "high": jax.lax.Precision.HIGH,
+              "highest": jax.lax.Precision.HIGHEST}
 
-  def step(w, t):
-    eps = model.apply(variables, w, t, stats, method="denoise")
-    return reverse_step(sched, w, eps, t), None
 
-  num_steps = sched.num_steps
-  steps = jnp.arange(num_steps - 1, -1, -1)
+def _sample_episodes(model, variables, sched, w_T, support, support_labels, trajectory_every,
+                     dtype, precision):
+  """The reverse process of B episodes, w_T [B, N, D]; traced, never called on host arrays.
+
+  Everything that depends on the step alone (time embedding, gate, the five block factors) is
+  computed for all K steps before the scan, and so are the episodes' class sums and counts;
+  each scan step is then the support-loss gradient, five matmuls over all B * N rows and the
+  update.
+  """
+  if dtype is not None or precision is not None:
+    model = model.clone(**{k: v for k, v in (("dtype", dtype), ("precision", precision))
+                           if v is not None})
+  if dtype is not None:
+    # The layers would cast their parameters at every step; cast them once instead.
+    variables = jax.tree_util.tree_map(
+        lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, variables)
+  num_classes = w_T.shape[-2]
+  stats = jax.vmap(prototypes.support_stats, in_axes=(0, 0, None))(
+      support, support_labels, num_classes)
+  # Sampling steps i = K-1, ..., 0 in the order the scan visits them. The network is told the
+  # training schedule's step timesteps[i]; the update uses the sampler's coefficients at i.
+  order = jnp.arange(sched.num_steps - 1, -1, -1)
+  time = model.apply(variables, sched.timesteps[order], method="time_features")
+  xs = (time, sched.remove_noise_coeff[order], sched.reciprocal_sqrt_alphas[order])
+  # The carried weights stay at least float32 whatever the network computes in.
+  w_T = w_T.astype(jnp.promote_types(w_T.dtype, jnp.float32))
+  gradient = lambda w: model.apply(variables, w, stats, method="support_gradient")
+  # What the first layer computes on: the gradient cast to the layers' dtype.
+  layer_input = lambda grad: grad if model.dtype is None else grad.astype(model.dtype)
+
+  # The carry holds, beside w, the next step's first-layer input, computed in the same pass
+  # over w and the class sums as the update: on an accelerator the step is memory-bound, and
+  # this saves reading both once more per step (about 20% more episodes/s on an H100 at
+  # B = 8192-65536, fp32 and bf16). The float32 gradient for the gate and the skip connection
+  # is recomputed from w in that pass, so the numbers are those of `denoise_from_time`.
+  def step(carry, x):
+    w, grad_in = carry
+    time_i, coeff, recip = x
+    eps = model.apply(variables, gradient(w), time_i, grad_in, method="from_gradient_and_time")
+    # Eq. 8 as the original code runs it, `reverse_step` with the coefficients gathered.
+    w = (w - coeff * eps.astype(w.dtype)) * recip
+    return (w, layer_input(gradient(w))), None
+
+  carry = (w_T, layer_input(gradient(w_T)))
   if trajectory_every is None:
-    w0, _ = jax.lax.scan(step, w_T, steps)
+    (w0, _), _ = jax.lax.scan(step, carry, xs)
     return w0
 
-  def chunk(w, chunk_steps):
-    w, _ = jax.lax.scan(step, w, chunk_steps)
-    return w, w
+  def chunk(carry, chunk_xs):
+    carry, _ = jax.lax.scan(step, carry, chunk_xs)
+    return carry, carry[0]
 
-  w0, trajectory = jax.lax.scan(chunk, w_T, steps.reshape(-1, trajectory_every))
-  return w0, jnp.concatenate([w_T[None], trajectory], axis=0)
+  chunks = jax.tree_util.tree_map(
+      lambda a: a.reshape(-1, trajectory_every, *a.shape[1:]), xs)
+  (w0, _), trajectory = jax.lax.scan(chunk, carry, chunks)  # trajectory: [K // k, B, N, D]
+  trajectory = jnp.concatenate([w_T[None], trajectory], axis=0)
+  return w0, jnp.moveaxis(trajectory, 0, 1)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "trajectory_every"))
-def _sample_jit(model, variables, sched, w_T, support, support_labels, trajectory_every):
+_STATIC = ("model", "trajectory_every", "dtype", "precision")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _sample_jit(model, variables, sched, w_T, support, support_labels, trajectory_every, dtype,
+                precision):
   TRACE_COUNTS["sample"] += 1
-  return _sample_episode(model, variables, sched, w_T, support, support_labels, trajectory_every)
+  # One episode is a batch of one: the same program as `sample_batch`.
+  out = _sample_episodes(model, variables, sched, w_T[None], support[None],
+                         support_labels[None], trajectory_every, dtype, precision)
+  return jax.tree_util.tree_map(lambda x: x[0], out)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "trajectory_every"))
-def _sample_batch_jit(model, variables, sched, w_T, support, support_labels, trajectory_every):
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _sample_batch_jit(model, variables, sched, w_T, support, support_labels, trajectory_every,
+                      dtype, precision):
   TRACE_COUNTS["sample_batch"] += 1
-  one = functools.partial(
-      _sample_episode, model, variables, sched, trajectory_every=trajectory_every)
-  return jax.vmap(one)(w_T, support, support_labels)
+  return _sample_episodes(model, variables, sched, w_T, support, support_labels,
+                          trajectory_every, dtype, precision)
+
+
+def _canonical_dtype(dtype):
+  """None or a floating numpy dtype, so that equal settings hit the same compiled sampler."""
+  if dtype is None:
+    return None
+  dtype = jnp.dtype(dtype)
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise ValueError(f"dtype must be a floating dtype such as jnp.bfloat16, got {dtype}")
+  return dtype
+
+
+def _canonical_precision(precision):
+  """None or a `jax.lax.Precision`, from itself or its name."""
+  if precision is None or isinstance(precision, jax.lax.Precision):
+    return precision
+  if isinstance(precision, str) and precision.lower() in PRECISIONS:
+    return PRECISIONS[precision.lower()]
+  raise ValueError(
+      f"precision must be a jax.lax.Precision or one of {sorted(PRECISIONS)}, "
+      f"got {precision!r}")
 
 
 def _check_args(w, support, support_labels, name, batched):
@@ -201,4 +286,5 @@ def _check_trajectory_every(every, num_steps):
     return
   if not isinstance(every, int) or every < 1 or num_steps % every:
     raise ValueError(
-        f"trajectory_every must be a positive int dividing T = {num_steps}, got {every!r}")
+        f"trajectory_every must be a positive int dividing the schedule's {num_steps} steps, "
+        f"got {every!r}")

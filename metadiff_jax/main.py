@@ -1,12 +1,15 @@
 """Runs the MetaDiff pipeline: `python -m metadiff_jax.main --config configs/<name>.py --workdir DIR`.
 
-Intentionally short: it parses the flags, logs the devices and calls the stages
+Intentionally short: it parses the flags, starts `jax.distributed` where the run has several
+processes (`mesh.initialize_distributed`), logs the devices and calls the stages
 (`metadiff_jax.stages.run`), which a notebook can call directly without flags.
 
     --config=configs/glyphs_conv4.py:shot=1     a config file with its presets
     --config.train.steps=2000                   a field override (the config is locked)
     --config.stages="('train', 'eval')"         run only some stages
     --workdir=DIR                               where checkpoints, features and results go
+    --coordinator_address=127.0.0.1:1234 --num_processes=2 --process_id=0
+                                                one of several processes (launch/local.sh)
 
 A problem the user can fix (a dataset not built, a missing earlier stage, a NaN loss) ends
 the run with a one-line message and exit status 2; what was saved before stays.
@@ -25,6 +28,12 @@ from metadiff_jax.errors import UserError
 _CONFIG = config_flags.DEFINE_config_file("config", None, "the config file (and presets)",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "the run's directory")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None,
+    "HOST:PORT of process 0, to start jax.distributed explicitly (a local multi-process run "
+    "or a cluster JAX does not detect); TPU slices, SLURM and Open MPI need none")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "processes in the run")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index, 0..N-1")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -40,7 +49,14 @@ def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   logging.get_absl_handler().addFilter(_QuietLibraries())
-  from metadiff_jax import stages  # after flag parsing: keeps --help fast
+  from metadiff_jax import mesh, stages  # after flag parsing: keeps --help fast
+  try:
+    mesh.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(2)
+  if not mesh.is_writer():  # only process 0 logs; the others report warnings and errors
+    logging.set_verbosity(logging.WARNING)
   try:
     stages.run(_CONFIG.value, _WORKDIR.value)
   except UserError as e:

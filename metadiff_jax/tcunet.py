@@ -13,6 +13,10 @@ code's, as spelled out in the project's reference notes:
      x5 = P5(x4) * E5 + g            (no activation on the last block).
 5. eps = s * g + (1 - s) * x5.
 
+Steps 1, 2 and the E_b = time_embB(e) of step 4 depend on t alone: `time_features` computes
+them, for one step or a vector of steps, and `from_gradient_and_time` does the rest, so a
+sampler can compute them for all its steps at once, before its loop (`diffusion.sample_batch`).
+
 Widths: D -> h1 -> h2 -> h2 -> h1 -> D with (h1, h2) = (D/2, D/4) by default. Parameters map
 one-to-one onto the original's PyTorch names: `time_scale.0` -> `time_scale_0`,
 `time_scale.2` -> `time_scale_2`, `time_embB` -> `time_embB`, `proto_infB` -> `proto_infB`
@@ -21,8 +25,9 @@ one-to-one onto the original's PyTorch names: `time_scale.0` -> `time_scale_0`,
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Any, Optional, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -48,11 +53,24 @@ _torch_linear_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in"
 
 
 def sinusoidal_time_embedding(t, dim: int = 320) -> jnp.ndarray:
-  """[dim] embedding of a scalar step t, cosines first: [cos(t f), sin(t f)]."""
+  """[..., dim] embedding of steps t [...], cosines first: [cos(t f), sin(t f)]."""
   half = dim // 2
   freqs = jnp.exp(-math.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / half)
-  angles = jnp.asarray(t, jnp.float32) * freqs
+  angles = jnp.asarray(t, jnp.float32)[..., None] * freqs
   return jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], axis=-1)
+
+
+class TimeFeatures(NamedTuple):
+  """What the TCUNet computes from the step t alone, for steps t of shape [...].
+
+  Attributes:
+    gate: [..., 1], s = sigmoid(time_scale_2(relu(time_scale_0(e(t))))).
+    scales: (E1, ..., E5), E_b = time_embB(e(t)) of shape [..., h_b], the factors of the five
+      blocks, (h_1..h_5) = `TCUNet.widths`.
+  """
+
+  gate: jnp.ndarray
+  scales: tuple
 
 
 class TCUNet(nn.Module):
@@ -140,7 +158,9 @@ class TCUNet(nn.Module):
   def denoise(self, w_t, t, stats: prototypes.SupportStats):
     """Same as `__call__`, from the support set's class sums and counts.
 
-    The sampler calls this inside its scan, with `stats` computed once per episode.
+    `stats` can be computed once per episode; `diffusion.sample_batch` goes further, with
+    `time_features` for all steps at once, and `support_gradient` and `from_gradient_and_time`
+    for all episodes at once.
     """
     self._check_weights(w_t, "w_t")
     _check_time(t)
@@ -149,14 +169,72 @@ class TCUNet(nn.Module):
 
   def from_gradient(self, grad, t):
     """eps from the support-loss gradient `grad` [N, D] and the step t (steps 1-2, 4-5)."""
+    return self.from_gradient_and_time(grad, self.time_features(t))
+
+  def time_features(self, t) -> TimeFeatures:
+    """The gate and the five block factors of steps t (steps 1, 2 and E_b of step 4).
+
+    Args:
+      t: int steps of any shape [...], e.g. a scalar or the [K] steps of a sampler; for [K]
+        steps each layer is one [K, E] x [E, h] matmul.
+
+    Returns:
+      `TimeFeatures` with leading axes [...].
+    """
     e = sinusoidal_time_embedding(t, self.time_embed_dim)
     gate = nn.sigmoid(self.time_scale_2(nn.relu(self.time_scale_0(e))))
-    x1 = nn.softplus(self.proto_inf1(grad) * self.time_emb1(e))
-    x2 = nn.softplus(self.proto_inf2(x1) * self.time_emb2(e))
-    x3 = nn.softplus(self.proto_inf3(x2) * self.time_emb3(e)) + x2
-    x4 = nn.softplus(self.proto_inf4(x3) * self.time_emb4(e)) + x1
-    x5 = self.proto_inf5(x4) * self.time_emb5(e) + grad
+    layers = (self.time_emb1, self.time_emb2, self.time_emb3, self.time_emb4, self.time_emb5)
+    return TimeFeatures(gate=gate, scales=tuple(layer(e) for layer in layers))
+
+  def from_gradient_and_time(self, grad, time: TimeFeatures, grad_in=None):
+    """eps from the gradient `grad` [..., N, D] and one step's `TimeFeatures` (steps 4-5).
+
+    Each block is one matmul over all rows of `grad`, however many leading axes it has.
+    `time` holds one step's features (gate [1], E_b [h_b]), shared by all rows.
+
+    Args:
+      grad: [..., N, D] support-loss gradient; the gate and the skip connection use it as is.
+      time: the step's `TimeFeatures`.
+      grad_in: optionally `grad` already cast to the layers' dtype, for the first block (a
+        sampler can produce it together with the previous step's update); None casts `grad`.
+    """
+    gate, (e1, e2, e3, e4, e5) = time
+    x1 = nn.softplus(self.proto_inf1(grad if grad_in is None else grad_in) * e1)
+    x2 = nn.softplus(self.proto_inf2(x1) * e2)
+    x3 = nn.softplus(self.proto_inf3(x2) * e3) + x2
+    x4 = nn.softplus(self.proto_inf4(x3) * e4) + x1
+    x5 = self.proto_inf5(x4) * e5 + grad
     return gate * grad + (1.0 - gate) * x5
+
+  def support_gradient(self, w_t, stats: prototypes.SupportStats):
+    """The support-loss gradient (step 3) of weights `w_t` [..., N, D], [..., N, D].
+
+    `stats` has the leading axes of `w_t` (sums [..., N, D], counts [..., N]); the gradient is
+    per episode, so it is vmapped over those axes. No parameters are involved.
+    """
+    if jnp.ndim(w_t) < 2 or jnp.shape(w_t)[-1] != self.feature_dim:
+      raise ValueError(
+          f"`w_t` must be [..., N, D] prototype weights with D = feature_dim = "
+          f"{self.feature_dim}, got shape {jnp.shape(w_t)}")
+    grad_fn = functools.partial(
+        prototypes.support_loss_grad_from_stats, reduction=self.loss_reduction)
+    for _ in range(jnp.ndim(w_t) - 2):
+      grad_fn = jax.vmap(grad_fn)
+    return grad_fn(w_t, stats)
+
+  def denoise_from_time(self, w_t, time: TimeFeatures, stats: prototypes.SupportStats):
+    """eps for weights `w_t` [..., N, D] of many episodes at one step, given its features.
+
+    Args:
+      w_t: [..., N, D] noisy weights, leading axes over episodes.
+      time: one step's `TimeFeatures` (see `from_gradient_and_time`).
+      stats: `SupportStats` with the leading axes of `w_t` (sums [..., N, D],
+        counts [..., N]).
+
+    Returns:
+      eps: [..., N, D]; every block is one matmul over all episodes' rows.
+    """
+    return self.from_gradient_and_time(self.support_gradient(w_t, stats), time)
 
   def _check_weights(self, w, name):
     if jnp.ndim(w) != 2 or jnp.shape(w)[-1] != self.feature_dim:

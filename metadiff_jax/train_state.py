@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import optax
 from flax.training import train_state
 
+from metadiff_jax import diffusion
+
 
 class PretrainState(train_state.TrainState):
   """Backbone + head parameters and optimiser state, plus the BatchNorm statistics.
@@ -46,6 +48,33 @@ def ema_update(ema_params, params, step, decay: float, start_step: int):
   copy = step <= start_step
   return jax.tree_util.tree_map(
       lambda e, p: jnp.where(copy, p, decay * e + (1.0 - decay) * p), ema_params, params)
+
+
+def diffusion_step(model, state: DiffusionState, sched, w0, support, labels, key,
+                   ema_decay: float, ema_start_step: int):
+  """One optimiser step of diffusion training (Algorithm 1) on a batch of episodes.
+
+  The loss is Eq. 12 (`diffusion.loss`) with t and the noise drawn from fold_in(key, step);
+  then the optimiser's update and the EMA's. Not jitted: the train stage scans it.
+
+  Args:
+    model: the TCUNet. state: its DiffusionState. sched: the training schedule.
+    w0: [B, N, D] targets. support: [B, N*K, D] features. labels: [B, N*K] ints in [0, N).
+    key: the diffusion key. ema_decay, ema_start_step: as in `ema_update`.
+
+  Returns:
+    (state, loss).
+  """
+  step_key = jax.random.fold_in(key, state.step)
+
+  def loss_fn(params):
+    return diffusion.loss(model, {"params": params}, sched, w0, support, labels, step_key)
+
+  loss, grads = jax.value_and_grad(loss_fn)(state.params)
+  state = state.apply_gradients(grads=grads)
+  state = state.replace(ema_params=ema_update(state.ema_params, state.params, state.step,
+                                              ema_decay, ema_start_step))
+  return state, loss
 
 
 def sgd_l2(learning_rate, momentum: float, weight_decay: float) -> optax.GradientTransformation:

@@ -51,3 +51,14 @@ def assert_close_to_scale(actual, expected, tol):
   scale = max(float(np.abs(expected).max()), 1e-12)
   err = float(np.abs(actual - expected).max())
   assert err <= tol * scale, f"max abs error {err:.3g} > {tol} * scale {scale:.3g}"
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+  """A tiny glyph dataset (40 classes of 20 images, 16 x 16) built once per session."""
+  from metadiff_jax.data import builders  # tensorflow-datasets: only for the tests that build
+  path = tmp_path_factory.mktemp("tfds")
+  config = builders.GlyphsConfig(name="tiny", num_classes=40, images_per_class=20,
+                                 image_size=16)
+  builders.build(builders.make_builder("glyphs", str(path), config=config))
+  return str(path)

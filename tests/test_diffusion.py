@@ -180,3 +180,84 @@ def test_out_of_range_labels_under_a_trace_give_nan_not_a_wrong_answer(tiny):
   out = np.asarray(run(bad))
   assert np.all(np.isnan(out[2]))
   assert np.all(np.isfinite(np.delete(out, 2, axis=0)))
+
+
+def test_hoisted_batch_sampler_equals_a_python_loop_per_episode(tiny):
+  model, variables, sched, w_T, support, labels = tiny
+  w0 = diffusion.sample_batch(model, variables, sched, w_T, support, labels)
+  for b in range(w_T.shape[0]):
+    states = python_loop_sampler(model, variables, sched, w_T[b], support[b], labels[b])
+    np.testing.assert_allclose(w0[b], states[-1], rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_and_precision_settings(tiny):
+  model, variables, sched, w_T, support, labels = tiny
+  run = lambda **kw: diffusion.sample_batch(model, variables, sched, w_T, support, labels, **kw)
+  exact = run(precision=jax.lax.Precision.HIGHEST)
+  np.testing.assert_allclose(run(), exact, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(run(precision="highest"), exact, rtol=0, atol=0)
+  np.testing.assert_allclose(run(precision="high"), exact, rtol=1e-3, atol=1e-3)
+  low, trajectory = run(dtype=jnp.bfloat16, trajectory_every=6)
+  # The network runs in bf16; the carried weights and the update stay float32.
+  assert low.dtype == jnp.float32 and trajectory.dtype == jnp.float32
+  assert_close_to_scale(low, exact, 5e-2)
+  assert float(jnp.abs(low - exact).max()) > 0  # it did compute in bf16
+  np.testing.assert_array_equal(trajectory[:, 0], w_T)
+  np.testing.assert_array_equal(trajectory[:, -1], low)
+  # The same for one episode, and a bf16 loop of the cloned network agrees with the scan.
+  single = diffusion.sample(model, variables, sched, w_T[2], support[2], labels[2],
+                            dtype="bfloat16", precision="highest")
+  assert single.dtype == jnp.float32
+  assert_close_to_scale(single, low[2], 2e-2)
+  bf16_model = model.clone(dtype=jnp.bfloat16)
+  w = w_T[2]
+  for t in reversed(range(sched.num_steps)):
+    eps = bf16_model.apply(variables, w, t, support[2], labels[2]).astype(jnp.float32)
+    w = (w - sched.remove_noise_coeff[t] * eps) * sched.reciprocal_sqrt_alphas[t]
+  assert_close_to_scale(low[2], w, 2e-2)
+
+
+def test_sample_batch_compiles_once_per_setting(tiny):
+  model, _, sched, w_T, support, labels = tiny
+  model = model.clone(time_embed_dim=14)  # a module no other test traces
+  variables = model.init(jax.random.key(0), w_T[0], 0, support[0], labels[0])
+  count = lambda: diffusion.TRACE_COUNTS["sample_batch"]
+  before = count()
+  settings = [dict(), dict(precision="highest"), dict(dtype=jnp.bfloat16),
+              dict(dtype=jnp.bfloat16, precision="highest")]
+  for i, kwargs in enumerate(settings):
+    for scale in (1.0, 2.0):  # new values, same setting: no new trace
+      diffusion.sample_batch(model, variables, sched, w_T * scale, support, labels,
+                             **kwargs).block_until_ready()
+    assert count() - before == i + 1
+  # Equal settings spelled differently share the compiled sampler.
+  diffusion.sample_batch(model, variables, sched, w_T, support, labels,
+                         precision=jax.lax.Precision.HIGHEST, dtype="bfloat16")
+  diffusion.sample_batch(model, variables, sched, w_T, support, labels, precision="HIGHEST")
+  assert count() - before == len(settings)
+  # Another number of steps is another program; another schedule of the same length is not.
+  diffusion.sample_batch(model, variables, schedule.linear(6), w_T, support, labels)
+  diffusion.sample_batch(model, variables, schedule.cosine(6), w_T, support, labels)
+  assert count() - before == len(settings) + 1
+
+
+def test_bad_dtype_and_precision(tiny):
+  model, variables, sched, w_T, support, labels = tiny
+  with pytest.raises(ValueError, match="precision must be"):
+    diffusion.sample_batch(model, variables, sched, w_T, support, labels, precision="fast")
+  with pytest.raises(ValueError, match="floating dtype"):
+    diffusion.sample(model, variables, sched, w_T[0], support[0], labels[0], dtype=jnp.int32)
+
+
+def test_reference_sampler_at_highest_precision_and_in_bfloat16(ref, ref_model, ref_schedule):
+  model, variables = ref_model
+  get = lambda name: episode(ref, 1, name)
+  args = (model, variables, ref_schedule, get("sample_wT"), get("support"),
+          get("support_labels"))
+  exact = diffusion.sample_batch(*args, precision="highest")
+  assert_close_to_scale(exact, ref["k1/sample_w0"], 1e-3)
+  low = diffusion.sample_batch(*args, dtype=jnp.bfloat16)
+  assert_close_to_scale(low, ref["k1/sample_w0"], 5e-2)
+  # The query predictions barely move.
+  predict = lambda w0: np.argmax(prototypes.cosine_logits(get("query"), w0), axis=-1)
+  assert np.mean(predict(low) != predict(exact)) <= 0.05

@@ -112,3 +112,58 @@ def test_pinned_episodes_never_change():
   assert ep.classes.tolist() == [[1, 4, 3], [1, 0, 4]]
   assert ep.support.tolist() == [[7, 8, 32, 30, 25, 21], [9, 12, 5, 6, 33, 34]]
   assert ep.query.tolist() == [[10, 28, 26], [8, 3, 31]]
+
+
+# ----------------------------------------------------------------------------- on device
+
+def draw_many(table, key, start, count, ways, shots):
+  import jax
+  import jax.numpy as jnp
+  draw = jax.jit(jax.vmap(episodes.draw_support, (None, None, 0, None, None)),
+                 static_argnums=(3, 4))
+  idx, cls = draw(table, key, jnp.arange(start, start + count), ways, shots)
+  return np.asarray(idx), np.asarray(cls)
+
+
+def test_device_support_sets_are_valid_episodes():
+  import jax
+  counts = [3, 4, 5, 6, 7, 8, 9, 10, 11, 12]
+  labels = np.repeat(np.arange(10), counts)
+  table = episodes.class_table(labels)
+  assert table.members.shape == (10, 12)
+  idx, cls = draw_many(table, jax.random.key(0), 0, 2000, 5, 3)
+  assert idx.shape == (2000, 15) and cls.shape == (2000, 5)
+  # N distinct classes, K distinct images of each, class-major, labels of the right class.
+  assert all(len(set(c)) == 5 for c in cls)
+  assert all(len(set(i)) == 15 for i in idx)
+  np.testing.assert_array_equal(labels[idx].reshape(2000, 5, 3), np.repeat(cls[:, :, None], 3, 2))
+  # Every class is drawn about equally often, and within a class every image too.
+  class_freq = np.bincount(cls.ravel(), minlength=10) / cls.size
+  np.testing.assert_allclose(class_freq, 0.1, atol=0.015)
+  image_freq = np.bincount(idx.ravel(), minlength=len(labels))
+  for c in (0, 9):  # the smallest class has every image each time; the largest, 3 of 12
+    members = np.flatnonzero(labels == c)
+    per_image = image_freq[members] / np.sum(cls == c)
+    np.testing.assert_allclose(per_image, 3 / counts[c], atol=0.08)
+
+
+def test_device_episodes_are_a_function_of_the_index_alone():
+  import jax
+  table = episodes.class_table(np.repeat(np.arange(8), 6))
+  key = jax.random.key(5)
+  whole = draw_many(table, key, 0, 40, 4, 2)
+  part = draw_many(table, key, 25, 10, 4, 2)
+  for a, b in zip(whole, part):
+    np.testing.assert_array_equal(a[25:35], b)
+  other = draw_many(table, jax.random.key(6), 0, 40, 4, 2)
+  assert not np.array_equal(whole[0], other[0])
+
+
+def test_impossible_device_episodes_are_refused():
+  table = episodes.class_table(np.repeat(np.arange(4), [5, 5, 2, 5]))
+  with pytest.raises(DataError, match="5-way episodes need 5 classes"):
+    episodes.check_support_episodes(table, 5, 1, "train")
+  with pytest.raises(DataError, match="a class with only 2"):
+    episodes.check_support_episodes(table, 3, 3, "train")
+  with pytest.raises(DataError, match="have no images"):
+    episodes.class_table(np.array([0, 0, 2, 2]))

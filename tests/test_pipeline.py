@@ -5,7 +5,6 @@ T = 10 steps, and every stage runs a handful of steps, so that the suite stays f
 CPU cores while every code path of the real run is taken.
 """
 
-import importlib.util
 import json
 import os
 import shutil
@@ -19,58 +18,12 @@ import numpy as np
 import pytest
 
 from conftest import REPO
+from tiny_pipeline import TINY_OVERRIDES, cpu_env, load_config, run_main, tiny_config
 from metadiff_jax import checkpoint, config_lib, stages
-from metadiff_jax.data import builders, episodes
+from metadiff_jax.data import episodes
 from metadiff_jax.data.errors import DataError
 from metadiff_jax.errors import ConfigError, StageError, TrainingError, UserError
 from metadiff_jax.stages import common, evaluate, pretrain, prototypes, train
-
-
-def load_config(name, arg=None):
-  spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
-
-
-@pytest.fixture(scope="session")
-def data_dir(tmp_path_factory):
-  path = tmp_path_factory.mktemp("tfds")
-  config = builders.GlyphsConfig(name="tiny", num_classes=40, images_per_class=20,
-                                 image_size=16)
-  builders.build(builders.make_builder("glyphs", str(path), config=config))
-  return str(path)
-
-
-TINY_OVERRIDES = [
-    "--config.data.builder_config=tiny", "--config.pretrain.epochs=2",
-    "--config.pretrain.batch_size=32", "--config.pretrain.val_episodes=20",
-    "--config.pretrain.log_every_steps=5", "--config.diffusion.num_steps=10",
-    "--config.denoiser.hidden_dims=(32, 16)", "--config.train.shots=(1,)",
-    "--config.train.steps=20", "--config.train.steps_per_call=5",
-    "--config.train.val_every_steps=10", "--config.train.val_episodes=10",
-    "--config.train.log_every_steps=5", "--config.train.checkpoint_every_steps=5",
-    "--config.train.ema_start_step=5", "--config.eval.episodes=20",
-    "--config.eval.batch_episodes=8",
-]
-
-
-def tiny_config(data_dir, **sections):
-  """glyphs_conv4 shrunk to seconds; `sections` maps 'train.steps' style names to values."""
-  config = load_config("glyphs_conv4")
-  config.data.data_dir = data_dir
-  config.data.builder_config = "tiny"
-  config.pretrain.update(dict(epochs=2, batch_size=32, val_episodes=20, log_every_steps=5))
-  config.diffusion.num_steps = 10
-  config.denoiser.hidden_dims = (32, 16)
-  config.train.update(dict(shots=(1,), steps=20, steps_per_call=5, val_every_steps=10,
-                           val_episodes=10, log_every_steps=5, checkpoint_every_steps=5,
-                           ema_start_step=5))
-  config.eval.update(dict(episodes=20, batch_episodes=8))
-  for name, value in sections.items():
-    section, field = name.split("__")
-    config[section][field] = value
-  return config
 
 
 @pytest.fixture(scope="session")
@@ -136,7 +89,11 @@ def test_prototypes_are_the_class_means_of_the_cached_base_features(data_dir, up
 def test_train_and_eval_stages(data_dir, upstream, tmp_path):
   workdir = copy_of(upstream, tmp_path)
   config = tiny_config(data_dir)
+  compiled = (train.train_steps._cache_size(), evaluate.episode_metrics._cache_size())
   train.stage(config, workdir)
+  # 4 calls of 5 steps compile once; 2 validations of 10 episodes in batches of 8, once.
+  assert train.train_steps._cache_size() == compiled[0] + 1
+  assert evaluate.episode_metrics._cache_size() == compiled[1] + 1
   out = train.run_dir(workdir, 1)
   records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
   assert [r["step"] for r in records if "loss" in r] == [5, 10, 15, 20]
@@ -148,6 +105,9 @@ def test_train_and_eval_stages(data_dir, upstream, tmp_path):
   assert not tree_equal(state.params, state.ema_params)
 
   summary = evaluate.stage(config, workdir)
+  # One more compilation for the test split's size, shared by the trained and the untrained
+  # denoiser and by every batch.
+  assert evaluate.episode_metrics._cache_size() == compiled[1] + 2
   result = summary["results"]["1shot"]
   for method in ("metadiff", "untrained", "prototypes"):
     assert result[method]["n"] == 20 and 0 <= result[method]["mean"] <= 1
@@ -182,12 +142,6 @@ def test_train_and_eval_stages(data_dir, upstream, tmp_path):
 
 # ----------------------------------------------------------------------------- the command
 
-def run_main(*args, timeout=600):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  return subprocess.run([sys.executable, "-m", "metadiff_jax.main", *args], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=timeout)
-
-
 def test_the_whole_pipeline_from_the_command_line(data_dir, tmp_path):
   workdir = tmp_path / "run"
   proc = run_main("--config=configs/glyphs_conv4.py", f"--workdir={workdir}",
@@ -201,6 +155,25 @@ def test_the_whole_pipeline_from_the_command_line(data_dir, tmp_path):
     assert (workdir / path).exists(), path
   # The log shows progress with a rate and an ETA.
   assert "step/s, ETA" in proc.stderr
+
+  # The accuracy-versus-steps measurement runs on the finished run: respaced with K = T it is
+  # the eval stage's MetaDiff accuracy, on the same episodes and starting noise.
+  out = tmp_path / "steps.json"
+  bench = subprocess.run(
+      [sys.executable, "benchmarks/accuracy_vs_steps.py", "--config", "configs/glyphs_conv4.py",
+       "--workdir", str(workdir), "--steps", "1,5,10", "--every", "5", "--episodes", "20",
+       "--batch_episodes", "8", "--out", str(out), f"--override=data.data_dir={data_dir}"] + [
+           "--override=" + o[len("--config."):] for o in TINY_OVERRIDES],
+      cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=600)
+  assert bench.returncode == 0, bench.stderr[-3000:]
+  steps = json.loads(out.read_text())
+  results = json.loads((workdir / "results.json").read_text())["results"]["1shot"]
+  assert [r["num_sampling_steps"] for r in steps["respaced"]] == [1, 5, 10]
+  assert steps["respaced"][-1]["mean"] == pytest.approx(results["metadiff"]["mean"], abs=1e-9)
+  assert [t["steps_taken"] for t in steps["trajectory"]] == [0, 5, 10]
+  assert steps["trajectory"][-1]["accuracy"] == pytest.approx(results["metadiff"]["mean"],
+                                                              abs=1e-6)
+  assert out.with_suffix(".png").exists() and out.with_suffix(".md").exists()
 
 
 @pytest.mark.parametrize("args, message", [

@@ -140,3 +140,58 @@ def test_bfloat16_and_precision_options(ref, ref_model):
   low = model.clone(dtype=jnp.bfloat16).apply(variables, *args)
   assert low.shape == exact.shape
   assert_close_to_scale(low, exact, 5e-2)  # bf16 keeps 8 bits of mantissa
+
+
+def test_time_features_of_many_steps_and_the_split_forward_pass(ref, ref_model):
+  model, variables = ref_model
+  steps = jnp.array([0, 1, 417, 998, 999])
+  batch = model.apply(variables, steps, method="time_features")
+  assert batch.gate.shape == (5, 1)
+  assert [e.shape for e in batch.scales] == [(5, h) for h in model.widths]
+  for i, t in enumerate(steps):
+    one = model.apply(variables, t, method="time_features")
+    np.testing.assert_allclose(one.gate, batch.gate[i], rtol=1e-6, atol=1e-7)
+    for e_one, e_batch in zip(one.scales, batch.scales):
+      np.testing.assert_allclose(e_one, e_batch[i], rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(tcunet.sinusoidal_time_embedding(steps, 320)[2],
+                                tcunet.sinusoidal_time_embedding(417, 320))
+  # from_gradient is time_features followed by from_gradient_and_time, bit for bit.
+  w, t = episode(ref, 5, "eps_w")[1], episode(ref, 5, "eps_t")[1]
+  support, labels = episode(ref, 5, "support")[1], episode(ref, 5, "support_labels")[1]
+  grad = prototypes.support_loss_grad(w, support, labels)
+  time = model.apply(variables, t, method="time_features")
+  np.testing.assert_array_equal(
+      model.apply(variables, grad, t, method="from_gradient"),
+      model.apply(variables, grad, time, method="from_gradient_and_time"))
+
+
+def test_denoise_from_time_runs_many_episodes_in_one_pass(ref, ref_model):
+  model, variables = ref_model
+  w, support = episode(ref, 5, "eps_w"), episode(ref, 5, "support")
+  labels = episode(ref, 5, "support_labels")
+  stats = jax.vmap(prototypes.support_stats, in_axes=(0, 0, None))(support, labels, 5)
+  time = model.apply(variables, 417, method="time_features")
+  for reduction in ("sum", "mean"):
+    m = model.clone(loss_reduction=reduction)
+    batch = m.apply(variables, w, time, stats, method="denoise_from_time")
+    assert batch.shape == w.shape
+    for b in range(w.shape[0]):
+      np.testing.assert_allclose(batch[b], m.apply(variables, w[b], 417, support[b], labels[b]),
+                                 rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match=r"\[\.\.\., N, D\]"):
+    model.apply(variables, w[..., :8], time, stats, method="denoise_from_time")
+
+
+def test_a_gradient_cast_ahead_gives_the_same_eps(ref, ref_model):
+  model, variables = ref_model
+  w, t = episode(ref, 1, "eps_w"), episode(ref, 1, "eps_t")[0]
+  stats = jax.vmap(prototypes.support_stats, in_axes=(0, 0, None))(
+      episode(ref, 1, "support"), episode(ref, 1, "support_labels"), 5)
+  for dtype in (None, jnp.bfloat16):
+    m = model.clone(dtype=dtype)
+    time = m.apply(variables, t, method="time_features")
+    grad = m.apply(variables, w, stats, method="support_gradient")
+    grad_in = grad if dtype is None else grad.astype(dtype)
+    fn = lambda g_in: m.apply(variables, grad, time, g_in, method="from_gradient_and_time")
+    np.testing.assert_array_equal(fn(grad_in), fn(None))
+    assert fn(None).dtype == jnp.float32  # the gate and skip terms keep the float32 gradient

@@ -152,3 +152,80 @@ class EpisodeSampler:
 def concat(parts: list[Episodes]) -> Episodes:
   """Episodes of several batches along the episode axis (e.g. the shards of all processes)."""
   return Episodes(*(np.concatenate(xs) for xs in zip(*parts)))
+
+
+# ----------------------------------------------------------------------------- on device
+
+class ClassTable(NamedTuple):
+  """A split's images grouped by class, for drawing episodes on the device.
+
+  Attributes:
+    members: [C, M] int32; row c lists the image indices of class c in index order, padded
+      (with 0) to M, the size of the largest class.
+    counts: [C] int32 images per class.
+  """
+
+  members: np.ndarray
+  counts: np.ndarray
+
+
+def class_table(labels: np.ndarray) -> ClassTable:
+  """The ClassTable of a split's labels [n] (ints in [0, C), every class present)."""
+  labels = np.asarray(labels)
+  num_classes = int(labels.max()) + 1
+  counts = np.bincount(labels, minlength=num_classes)
+  if np.any(counts == 0):
+    raise DataError(f"classes {np.flatnonzero(counts == 0)[:5].tolist()} have no images; "
+                    "labels must cover 0..C-1")
+  members = np.zeros((num_classes, int(counts.max())), np.int32)
+  order = np.argsort(labels, kind="stable")
+  starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+  for c in range(num_classes):
+    members[c, :counts[c]] = order[starts[c]:starts[c] + counts[c]]
+  return ClassTable(members, counts.astype(np.int32))
+
+
+def check_support_episodes(table: ClassTable, ways: int, shots: int, split: str) -> None:
+  """Raises DataError if the split cannot supply N-way K-shot support sets."""
+  num_classes, smallest = len(table.counts), int(table.counts.min())
+  if ways > num_classes:
+    raise DataError(f"{ways}-way episodes need {ways} classes but split {split!r} has "
+                    f"{num_classes}; lower ways to at most {num_classes}")
+  if shots > smallest:
+    raise DataError(f"{shots}-shot episodes need {shots} images per class but split {split!r} "
+                    f"has a class with only {smallest}; lower shots to at most {smallest}")
+
+
+def draw_support(table: ClassTable, key, index, ways: int, shots: int):
+  """Support set of episode `index`, drawn on the device as a pure function of (key, index).
+
+  The diffusion-training counterpart of `EpisodeSampler` (which draws evaluation episodes on
+  the host): N classes without replacement, then K images of each without replacement, from
+  the stream fold_in(key, index). jit- and vmap-able; an episode does not depend on the batch
+  it is drawn in or on how that batch is split over devices.
+
+  Args:
+    table: the split's ClassTable (as device or host arrays).
+    key: a typed PRNG key.
+    index: int scalar, the episode index.
+    ways: N. shots: K.
+
+  Returns:
+    (support [N*K] int32 image indices, class-major; classes [N] int32 split classes). The
+    episode labels are `repeat(arange(N), K)`.
+  """
+  import jax  # pylint: disable=g-import-not-at-top  (the host sampler above needs no JAX)
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  class_key, image_key = jax.random.split(jax.random.fold_in(key, index))
+  num_classes, max_count = table.members.shape
+  classes = jax.random.choice(class_key, num_classes, (ways,), replace=False)
+  counts = jnp.asarray(table.counts)[classes]  # [N]
+  # K of a class's images without replacement: the K smallest of uniform keys, with the
+  # padding past the class's count pushed beyond every real key.
+  u = jax.random.uniform(image_key, (ways, max_count))
+  u = jnp.where(jnp.arange(max_count) < counts[:, None], u, 2.0)
+  _, positions = jax.lax.top_k(-u, shots)  # [N, K]
+  members = jnp.asarray(table.members)[classes]  # [N, M]
+  support = jnp.take_along_axis(members, positions, axis=1)
+  return support.reshape(ways * shots).astype(jnp.int32), classes.astype(jnp.int32)

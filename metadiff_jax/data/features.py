@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from metadiff_jax import metrics, prototypes
+from metadiff_jax import mesh, metrics, prototypes
 from metadiff_jax.data.errors import DataError
 
 
@@ -60,11 +60,19 @@ def embed(apply_fn: Callable, variables, images: np.ndarray, batch_size: int = 2
           progress: bool = True, desc: str = "embedding") -> np.ndarray:
   """Features of all `images` under `apply_fn(variables, batch) -> [b, D]`.
 
+  Each batch is split over the devices of the data mesh (each process puts only the images
+  its devices hold), and the features come back whole to every process. Batches are
+  dispatched ahead of the host's copy of their features, so the device never waits on the
+  host between batches.
+
   Args:
-    apply_fn: the backbone in eval mode, uint8 [b, H, W, C] -> [b, D] (preprocessing inside).
+    apply_fn: the backbone in eval mode, uint8 [b, H, W, C] -> [b, D] (preprocessing inside);
+      jitted here unless it already is.
     variables: its variables.
-    images: [n, H, W, C] uint8 host array (or any sequence of such images).
-    batch_size: images per call; the last batch is padded, so `apply_fn` compiles once.
+    images: [n, H, W, C] uint8 host array (or any sequence of such images), the same on
+      every process.
+    batch_size: images per call, rounded up to a multiple of the device count; the last
+      batch is padded, so `apply_fn` compiles once.
     progress: show a progress bar with rate and ETA.
     desc: the progress bar's label.
 
@@ -74,22 +82,39 @@ def embed(apply_fn: Callable, variables, images: np.ndarray, batch_size: int = 2
   n = len(images)
   if n == 0:
     raise DataError("cannot embed an empty split")
-  fn = jax.jit(apply_fn)
+  fn = apply_fn if hasattr(apply_fn, "lower") else jax.jit(apply_fn)
+  batch_size = mesh.padded_size(batch_size)
   out = None
-  bar = metrics.Progress(n, desc, unit="img", enabled=progress)
-  for start in range(0, n, batch_size):
-    batch = np.asarray(images[start:start + batch_size])
-    valid = len(batch)
-    if valid < batch_size:
-      batch = np.concatenate([batch, np.zeros((batch_size - valid, *batch.shape[1:]),
-                                              batch.dtype)])
-    feats = np.asarray(fn(variables, batch), np.float32)
+  in_flight = []  # (start, valid, device features), at most `depth` batches ahead of the host
+  depth = 2
+
+  def rows(start):
+    def get(a, b):
+      block = np.asarray(images[start + a:start + b])
+      if len(block) < b - a:  # the padded tail of the last batch
+        block = np.concatenate([block, np.zeros((b - a - len(block), *block.shape[1:]),
+                                                block.dtype)])
+      return block
+    return get
+
+  def collect(start, valid, feats):
+    nonlocal out
+    feats = np.asarray(mesh.to_host(feats), np.float32)
     if feats.ndim != 2 or feats.shape[0] != batch_size:
       raise ValueError(f"apply_fn must map [b, H, W, C] to [b, D], got {feats.shape}")
     if out is None:
       out = np.empty((n, feats.shape[1]), np.float32)
     out[start:start + valid] = feats[:valid]
     bar.update(valid)
+
+  bar = metrics.Progress(n, desc, unit="img", enabled=progress and mesh.is_writer())
+  for start in range(0, n, batch_size):
+    batch = mesh.shard_rows(batch_size, rows(start))
+    in_flight.append((start, min(batch_size, n - start), fn(variables, batch)))
+    if len(in_flight) > depth:
+      collect(*in_flight.pop(0))
+  for item in in_flight:
+    collect(*item)
   bar.close()
   if not np.all(np.isfinite(out)):
     raise DataError("the backbone produced NaN or infinite features; check its checkpoint "
@@ -137,6 +162,9 @@ def cached_features(workdir: str, key: str, compute: Callable[[], tuple[np.ndarr
     np.savez(tmp, features=features, labels=labels)
     os.replace(tmp, path)  # atomic: a killed run leaves no half-written cache
     logging.info("feature cache written: %s", path)
+  # The other processes wait for the file, so that all of them take the same path (hit or
+  # miss) the next time this split is asked for: a miss is a collective computation.
+  mesh.barrier(f"features {key}")
   return FeatureSet(features, labels, num_classes, key)
 
 

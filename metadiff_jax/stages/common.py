@@ -25,13 +25,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from metadiff_jax import backbones, checkpoint, prototypes, torch_import
+from metadiff_jax import backbones, checkpoint, mesh, prototypes, torch_import
 from metadiff_jax.data import augment, features
 from metadiff_jax.errors import StageError, UserError
 
 # Tags folded into the run's key, one per purpose, so that no two streams coincide.
 KEY_TAGS = {"pretrain_init": 1, "pretrain_data": 2, "pretrain_dropout": 3, "prototypes": 4,
-            "denoiser_init": 5, "diffusion": 6, "sampling": 7}
+            "denoiser_init": 5, "diffusion": 6, "sampling": 7, "episodes": 8}
 
 
 def key(config, purpose: str, *fold: int) -> jax.Array:
@@ -42,9 +42,7 @@ def key(config, purpose: str, *fold: int) -> jax.Array:
   return k
 
 
-def is_writer() -> bool:
-  """Whether this process writes files (process 0 of a multi-process run)."""
-  return jax.process_index() == 0
+is_writer = mesh.is_writer
 
 
 def stage_dir(workdir: str, name: str) -> str:
@@ -114,7 +112,7 @@ def augment_config(config) -> augment.AugmentConfig:
 
 def backbone(config):
   """The configured backbone module."""
-  kwargs = {}
+  kwargs = {"dtype": jnp.bfloat16 if config.backbone.compute_dtype == "bfloat16" else None}
   if config.backbone.name.startswith("resnet12"):
     kwargs["activate_last"] = config.backbone.activate_last
     if config.backbone.dropblock_rate is not None:
@@ -125,11 +123,18 @@ def backbone(config):
     raise UserError(f"config.backbone.name: {e}") from None
 
 
+@functools.lru_cache(maxsize=16)
 def embed_fn(module, aug: augment.AugmentConfig):
-  """uint8 images -> features of the backbone in eval mode, with the dataset's normalisation."""
+  """uint8 images -> features of the backbone in eval mode, with the dataset's normalisation.
 
+  Jitted, and one function per (backbone, preprocessing), so that embedding the validation
+  split after every pretraining epoch compiles once.
+  """
+
+  @jax.jit
   def apply(variables, images):
-    return module.apply(variables, augment.preprocess(images, aug), train=False)
+    features = module.apply(variables, augment.preprocess(images, aug), train=False)
+    return features.astype(jnp.float32)
 
   return apply
 
@@ -137,7 +142,10 @@ def embed_fn(module, aug: augment.AugmentConfig):
 def preprocessing_tag(config) -> str:
   """What the embedding does besides the variables (it keys the feature cache)."""
   aug = augment_config(config)
-  return f"{config.backbone.name}|mean={aug.mean}|std={aug.std}"
+  tag = f"{config.backbone.name}|mean={aug.mean}|std={aug.std}"
+  if config.backbone.compute_dtype != "float32":
+    tag += f"|{config.backbone.compute_dtype}"
+  return tag
 
 
 def pretrained_backbone(config, workdir: str):
@@ -207,6 +215,4 @@ def log_config(config) -> None:
 
 
 def device_summary() -> str:
-  devs = jax.devices()
-  return (f"{len(devs)} {devs[0].platform} device(s) ({devs[0].device_kind}), "
-          f"{jax.process_count()} process(es)")
+  return mesh.describe()

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from metadiff_jax import checkpoint, config_lib, diffusion, metrics, prototypes
+from metadiff_jax import checkpoint, config_lib, diffusion, mesh, metrics, prototypes, schedule
 from metadiff_jax.data import episodes as episodes_lib
 from metadiff_jax.data import features
 from metadiff_jax.errors import StageError
@@ -41,18 +41,30 @@ METHODS = (("metadiff", "MetaDiff (trained TCUNet, EMA)"),
            ("prototypes", "Class-mean prototypes (ProtoNet-style)"))
 
 
-@functools.partial(jax.jit, static_argnames=("model", "ways"))
+def sampler_options(config) -> dict:
+  """The sampler's dtype and matmul precision from config.diffusion, as `sample_batch` takes."""
+  d = config.diffusion
+  return {"dtype": jnp.bfloat16 if d.sampler_dtype == "bfloat16" else None,
+          "precision": None if d.sampler_precision == "default" else d.sampler_precision}
+
+
+@functools.partial(jax.jit, static_argnames=("model", "ways", "dtype", "precision"))
 def episode_metrics(model, variables, sched, features_dev, support_idx, support_labels,
-                    query_idx, query_labels, index, key, ways: int):
+                    query_idx, query_labels, index, key, ways: int, dtype=None, precision=None):
   """Per-episode metrics of sampled and class-mean prototypes.
 
+  The episode axis of the inputs may be split over the devices of the data mesh; every
+  per-episode quantity is then computed where its episode lives.
+
   Args:
-    model: the TCUNet; variables: its variables; sched: the schedule.
+    model: the TCUNet; variables: its variables; sched: the sampling schedule (possibly
+      respaced, `schedule.for_sampling`).
     features_dev: [n, D] the split's features.
     support_idx, support_labels: [B, N*K]; query_idx, query_labels: [B, N*Q] (`Episodes`).
     index: [B] episode indices (w_T of episode i comes from fold_in(key, i)).
     key: the sampling key.
     ways: N.
+    dtype, precision: the sampler's computation dtype and matmul precision.
 
   Returns:
     {"accuracy", "prototype_accuracy", "norm_ratio", "support_loss"}: each [B].
@@ -60,7 +72,8 @@ def episode_metrics(model, variables, sched, features_dev, support_idx, support_
   support, query = features.gather(features_dev, support_idx, query_idx)
   dim = features_dev.shape[-1]
   w_T = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), (ways, dim)))(index)
-  w0 = diffusion.sample_batch(model, variables, sched, w_T, support, support_labels)
+  w0 = diffusion.sample_batch(model, variables, sched, w_T, support, support_labels,
+                              dtype=dtype, precision=precision)
   protos = jax.vmap(prototypes.class_means, (0, 0, None))(support, support_labels, ways)
 
   def accuracy(w):
@@ -76,22 +89,41 @@ def episode_metrics(model, variables, sched, features_dev, support_idx, support_
           "norm_ratio": mean_norm(w0) / mean_norm(protos), "support_loss": loss}
 
 
-def run_episodes(model, variables, sched, feature_set: features.FeatureSet,
-                 sampler: episodes_lib.EpisodeSampler, count: int, batch: int, key,
-                 desc: str = "episodes", progress: bool = True) -> dict[str, np.ndarray]:
-  """Metrics of episodes 0..count-1 of `sampler`, `batch` at a time ([count] arrays)."""
-  features_dev = jnp.asarray(feature_set.features)
-  batch = min(batch, count)
+def run_episodes(model, variables, sched, feature_set, sampler: episodes_lib.EpisodeSampler,
+                 count: int, batch: int, key, desc: str = "episodes", progress: bool = True,
+                 dtype=None, precision=None) -> dict[str, np.ndarray]:
+  """Metrics of episodes 0..count-1 of `sampler`, `batch` at a time ([count] arrays).
+
+  `feature_set` is a `features.FeatureSet` or its features already on the devices
+  (`mesh.replicate`). Each batch is rounded up to a multiple of the device count and split
+  over the data mesh; each process draws only the episodes its devices hold.
+  """
+  if isinstance(feature_set, features.FeatureSet):
+    features_dev = mesh.replicate(feature_set.features)
+  else:
+    features_dev = feature_set
+  batch = mesh.padded_size(min(batch, count))
   out: dict[str, list] = {}
-  with metrics.Progress(count, desc, unit="episode", enabled=progress) as bar:
+
+  def episode_rows(start):
+    def rows(a, b):
+      eps = sampler.batch(start + a, b - a)
+      return (eps.support, eps.support_labels, eps.query, eps.query_labels,
+              eps.index.astype(np.int32))
+    return rows
+
+  with metrics.Progress(count, desc, unit="episode",
+                        enabled=progress and common.is_writer()) as bar:
     for start in range(0, count, batch):
-      eps = sampler.batch(start, batch)  # a full batch (compiled once), trimmed below
-      m = episode_metrics(model, variables, sched, features_dev, eps.support,
-                          eps.support_labels, eps.query, eps.query_labels,
-                          eps.index.astype(np.int32), key, sampler.ways)
+      # A full batch (compiled once), trimmed below.
+      support, support_labels, query, query_labels, index = mesh.shard_rows(
+          batch, episode_rows(start))
+      m = episode_metrics(model, variables, sched, features_dev, support, support_labels,
+                          query, query_labels, index, key, sampler.ways, dtype=dtype,
+                          precision=precision)
       keep = min(batch, count - start)
       for name, value in m.items():
-        out.setdefault(name, []).append(np.asarray(value)[:keep])
+        out.setdefault(name, []).append(mesh.to_host(value)[:keep])
       bar.update(keep)
   return {name: np.concatenate(parts) for name, parts in out.items()}
 
@@ -104,12 +136,9 @@ def summarize(values: np.ndarray) -> dict[str, float]:
           "n": n}
 
 
-def evaluate_shot(config, workdir: str, shots: int, test: features.FeatureSet) -> dict:
-  """The results of the K-shot setting, or a StageError if its denoiser was not trained."""
-  e = config.eval
-  # First, so that an episode the split cannot supply is reported before any work.
-  sampler = episodes_lib.EpisodeSampler(test.labels, e.ways, shots, e.queries, config.seed,
-                                        "test")
+def load_denoiser(config, workdir: str, shots: int, feature_dim: int):
+  """(model, trained state, state at initialisation, checkpoint metadata) of the K-shot
+  denoiser kept in train_<K>shot/best, or a StageError naming the stage to run."""
   run_dir = train_stage.run_dir(workdir, shots)
   store = checkpoint.Checkpoints(os.path.join(run_dir, "best"), max_to_keep=1)
   try:
@@ -117,7 +146,7 @@ def evaluate_shot(config, workdir: str, shots: int, test: features.FeatureSet) -
       raise StageError(f"no trained {shots}-shot denoiser in {run_dir}/best; run the train "
                        f"stage first (--config.stages=\"('train', 'eval')\") with "
                        f"config.train.shots including {shots}")
-    model, sched, init_state = train_stage.initial_state(config, test.features.shape[1], shots)
+    model, _, init_state = train_stage.initial_state(config, feature_dim, shots)
     try:
       state, meta = store.restore(init_state)
     except ValueError as err:
@@ -126,9 +155,20 @@ def evaluate_shot(config, workdir: str, shots: int, test: features.FeatureSet) -
                        "trained with") from None
   finally:
     store.close()
+  return model, state, init_state, meta
+
+
+def evaluate_shot(config, workdir: str, shots: int, test: features.FeatureSet) -> dict:
+  """The results of the K-shot setting, or a StageError if its denoiser was not trained."""
+  e = config.eval
+  # First, so that an episode the split cannot supply is reported before any work.
+  sampler = episodes_lib.EpisodeSampler(test.labels, e.ways, shots, e.queries, config.seed,
+                                        "test")
+  model, state, init_state, meta = load_denoiser(config, workdir, shots, test.features.shape[1])
   fingerprint = features.variables_fingerprint(state.ema_params)
   settings = {"ways": e.ways, "shots": shots, "queries": e.queries, "episodes": e.episodes,
-              "seed": config.seed, "denoiser": fingerprint, "features": test.key}
+              "seed": config.seed, "denoiser": fingerprint, "features": test.key,
+              "sampler": _sampler_settings(config)}
   cached = os.path.join(common.stage_dir(workdir, "eval"), f"{shots}shot.json")
   if os.path.exists(cached):
     with open(cached) as f:
@@ -138,10 +178,13 @@ def evaluate_shot(config, workdir: str, shots: int, test: features.FeatureSet) -
                    cached)
       return previous
   key = common.key(config, "sampling", 2)
+  sched = schedule.for_sampling(config)
+  features_dev = mesh.replicate(test.features)
   runs = {}
   for name, params in (("metadiff", state.ema_params), ("untrained", init_state.params)):
-    runs[name] = run_episodes(model, {"params": params}, sched, test, sampler, e.episodes,
-                              e.batch_episodes, key, desc=f"eval {shots}-shot {name}")
+    runs[name] = run_episodes(model, {"params": params}, sched, features_dev, sampler,
+                              e.episodes, e.batch_episodes, key,
+                              desc=f"eval {shots}-shot {name}", **sampler_options(config))
   result = {
       "settings": settings,
       "checkpoint": {"step": int(state.step), "validation": meta},
@@ -178,8 +221,16 @@ def stage(config, workdir: str) -> dict:
     common.write_json(os.path.join(root, "results.json"), summary)
     with open(os.path.join(root, "results.md"), "w") as f:
       f.write(results_markdown(config, workdir, results, table))
-  print(table, flush=True)
+  if common.is_writer():
+    print(table, flush=True)
   return summary
+
+
+def _sampler_settings(config) -> dict:
+  """What of the sampler can change its results (it keys the cached per-shot results)."""
+  d = config.diffusion
+  return {"num_sampling_steps": d.num_sampling_steps or d.num_steps,
+          "dtype": d.sampler_dtype, "precision": d.sampler_precision}
 
 
 def results_table(config, results: dict) -> str:

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from metadiff_jax import checkpoint, metrics
+from metadiff_jax import checkpoint, mesh, metrics
 from metadiff_jax.data import augment, episodes, features
 from metadiff_jax.errors import TrainingError
 from metadiff_jax.stages import common
@@ -69,8 +69,9 @@ def initial_state(config, image_shape=None, num_images: int | None = None) -> Pr
   init = jax.jit(functools.partial(model.init, train=False))
   variables = init(common.key(config, "pretrain_init"), jnp.zeros((1, *image_shape), jnp.float32))
   tx, _ = _optimizer(config, steps_per_epoch(config, num_images))
-  return PretrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
-                              batch_stats=variables.get("batch_stats", {}))
+  state = PretrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
+                               batch_stats=variables.get("batch_stats", {}))
+  return mesh.replicate(state)
 
 
 def backbone_variables(state: PretrainState) -> dict:
@@ -84,15 +85,23 @@ def backbone_variables(state: PretrainState) -> dict:
 @functools.partial(jax.jit, static_argnames=("batch_size", "aug"), donate_argnums=(0,))
 def train_step(state: PretrainState, images, labels, data_key, dropout_key, batch_size: int,
                aug: augment.AugmentConfig):
-  """One SGD step on batch `state.step` of the split (images [n, H, W, C] uint8 on device)."""
-  x, y = augment.draw_batch(images, labels, data_key, state.step, batch_size, aug)
+  """One SGD step on batch `state.step` of the split (images [n, H, W, C] uint8 on device).
+
+  The split is replicated on every device; the drawn batch is split over the data mesh, so
+  each device augments and runs its share, and BatchNorm and the loss see the whole batch.
+  """
+  x, y = mesh.constrain(augment.draw_batch(images, labels, data_key, state.step, batch_size,
+                                           aug))
   return _sgd_step(state, x, y, dropout_key)
 
 
-@functools.partial(jax.jit, donate_argnums=(0,))
-def train_step_on_batch(state: PretrainState, x, y, dropout_key):
-  """One SGD step on a batch gathered and augmented outside (the host path)."""
-  return _sgd_step(state, x, y, dropout_key)
+@functools.partial(jax.jit, static_argnames=("aug",), donate_argnums=(0,))
+def train_step_on_batch(state: PretrainState, images, labels, data_key, dropout_key,
+                        aug: augment.AugmentConfig):
+  """One SGD step on batch `state.step` gathered on the host (uint8 [B, H, W, C], split over
+  the data mesh), augmented here exactly as `train_step` augments it."""
+  x = augment.augment_batch(augment.augment_key(data_key, state.step), images, aug)
+  return _sgd_step(state, mesh.constrain(x), labels, dropout_key)
 
 
 def _sgd_step(state, x, y, dropout_key):
@@ -186,43 +195,57 @@ def _train(config, out: str, latest: checkpoint.Checkpoints, best: checkpoint.Ch
   dropout_key = common.key(config, "pretrain_dropout")
   on_device = augment.fits_on_device(train_data.images, config.data.device_memory_fraction)
   if on_device:
-    images = jax.device_put(train_data.images)
-    labels = jax.device_put(train_data.labels)
+    images, labels = mesh.replicate((train_data.images, train_data.labels))
   logging.info("pretrain: %d base images of %d classes, %d steps per epoch, %d epochs, batches "
                "drawn %s", n, train_data.num_classes, per_epoch, p.epochs,
                "on device" if on_device else "on the host")
   _, lr_schedule = _optimizer(config, per_epoch)
   val_data = common.load_split(config, "val")
   writer = metrics.MetricWriter(out, enabled=common.is_writer(), resume_step=int(state.step))
-  window: list[dict] = []
+  window: list[dict] = []  # the metrics of the steps since the last log, still on device
   step = int(state.step)
-  bar = metrics.Progress(total, "pretrain", initial=step, unit="step")
+  bar = metrics.Progress(total, "pretrain", initial=step, unit="step",
+                         enabled=common.is_writer())
+
+  def host_batch(step):
+    idx = np.asarray(augment.batch_indices(data_key, step, n, p.batch_size))
+    return mesh.shard_rows(p.batch_size, lambda a, b: (train_data.images[idx[a:b]],
+                                                      train_data.labels[idx[a:b]]))
+
+  def flush(step) -> dict:
+    """The mean metrics of the window (one host sync), after a check for a NaN loss."""
+    nonlocal window
+    fetched = jax.device_get(window)
+    values = {k: np.asarray([w[k] for w in fetched], np.float64) for k in fetched[0]}
+    bad = np.flatnonzero(~np.isfinite(values["loss"]))
+    if bad.size:
+      raise TrainingError(
+          f"the pretraining loss became {values['loss'][bad[0]]} at step "
+          f"{step - len(window) + bad[0] + 1}; kept the last good checkpoint (step "
+          f"{latest.latest_step()}) in {out}; lower config.pretrain.learning_rate")
+    window = []
+    return {k: float(v.mean()) for k, v in values.items()}
+
   try:
     while step < total:
+      # No host sync per step: the metrics stay on the device until the next log line, so
+      # the host dispatches ahead and the device never waits for it.
       if on_device:
         state, m = train_step(state, images, labels, data_key, dropout_key, p.batch_size, aug)
       else:
-        idx = np.asarray(augment.batch_indices(data_key, step, n, p.batch_size))
-        x = augment.augment_batch(augment.augment_key(data_key, step),
-                                  jnp.asarray(train_data.images[idx]), aug)
-        state, m = train_step_on_batch(state, x, jnp.asarray(train_data.labels[idx]),
-                                       dropout_key)
+        x, y = host_batch(step)
+        state, m = train_step_on_batch(state, x, y, data_key, dropout_key, aug)
       step += 1
-      m = {k: float(v) for k, v in m.items()}
-      if not np.isfinite(m["loss"]):
-        raise TrainingError(
-            f"the pretraining loss became {m['loss']} at step {step}; kept the last good "
-            f"checkpoint (step {latest.latest_step()}) in {out}; lower "
-            "config.pretrain.learning_rate")
       window.append(m)
-      if step % p.log_every_steps == 0 or step % per_epoch == 0:
-        logged = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
-        window = []
+      epoch_end = step % per_epoch == 0
+      save_due = bool(p.checkpoint_every_steps) and step % p.checkpoint_every_steps == 0
+      if step % p.log_every_steps == 0 or epoch_end or save_due or step == total:
+        logged = flush(step)
         logged["learning_rate"] = float(lr_schedule(step - 1))
         writer.write(step, logged)
         bar.update(0, loss=f"{logged['loss']:.3f}")
       bar.update(1)
-      if step % per_epoch == 0:
+      if epoch_end:
         epoch = step // per_epoch
         val_acc = validate(config, state, val_data)
         writer.write(step, {"val_accuracy": val_acc, "epoch": epoch})
@@ -233,7 +256,7 @@ def _train(config, out: str, latest: checkpoint.Checkpoints, best: checkpoint.Ch
           if best.latest_step() != step:
             best.save(step, state, {"val_accuracy": val_acc, "epoch": epoch})
         latest.save(step, state, meta)
-      elif p.checkpoint_every_steps and step % p.checkpoint_every_steps == 0:
+      elif save_due:
         latest.save(step, state, meta)
   finally:
     bar.close()

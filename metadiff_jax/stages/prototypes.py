@@ -22,7 +22,7 @@ import os
 import jax
 import numpy as np
 
-from metadiff_jax import metrics
+from metadiff_jax import mesh, metrics
 from metadiff_jax.data import augment, features
 from metadiff_jax.errors import StageError
 from metadiff_jax.stages import common
@@ -106,6 +106,7 @@ def stage(config, workdir: str) -> None:
     np.savez(tmp, targets=targets, feature_key=base.key, augmented_passes=passes,
              backbone=features.variables_fingerprint(variables))
     os.replace(tmp, path)
+  mesh.barrier("prototypes targets")  # the train stage of every process reads the file
   norms = np.linalg.norm(targets, axis=1)
   logging.info("prototypes: %d base-class targets of dimension %d (norm %.3g +- %.2g) -> %s",
                targets.shape[0], targets.shape[1], norms.mean(), norms.std(), path)

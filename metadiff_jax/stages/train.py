@@ -7,9 +7,13 @@ The optimiser is the original's: Adam with L2 weight decay added to the gradient
 the parameters (copied outright for the first `ema_start_step` steps) that validation and test
 use. One denoiser is trained per shot setting, in WORKDIR/train_<K>shot.
 
-Steps run `steps_per_call` at a time inside one compiled `lax.scan`. Episode b of step s is
-episode s * B + b of the sampler and the noise of step s comes from fold_in(key, s), so a run
-resumed from any checkpoint reproduces the uninterrupted one exactly. Every
+Steps run `steps_per_call` at a time inside one compiled `lax.scan`, with no host round trip
+between them: episodes are drawn on the device (`episodes.draw_support`), the batch of each
+step is split over the devices of the data mesh, and the parameters stay replicated. Episode b
+of step s is episode s * B + b of the stream, and the noise of step s comes from
+fold_in(key, s), so a run resumed from any checkpoint, or run on another number of devices,
+reproduces the uninterrupted one (exactly on one device; to float rounding across device
+counts, whose reductions add in another order). Every
 `val_every_steps` (and at the end) the EMA parameters denoise a few hundred validation
 episodes with the full sampler; the best are kept in train_<K>shot/best.
 """
@@ -24,12 +28,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from metadiff_jax import checkpoint, diffusion, metrics, schedule, tcunet
+from metadiff_jax import checkpoint, mesh, metrics, schedule, tcunet
 from metadiff_jax.data import episodes as episodes_lib
 from metadiff_jax.errors import ConfigError, TrainingError
 from metadiff_jax.stages import common
 from metadiff_jax.stages import prototypes as prototypes_stage
-from metadiff_jax.train_state import DiffusionState, adam_l2, ema_update
+from metadiff_jax.train_state import DiffusionState, adam_l2, diffusion_step
 
 
 def run_dir(workdir: str, shots: int) -> str:
@@ -58,46 +62,50 @@ def initial_state(config, feature_dim: int, shots: int):
                                 tx=adam_l2(t.learning_rate, t.weight_decay),
                                 # a copy: train_steps donates the state's buffers
                                 ema_params=jax.tree_util.tree_map(jnp.copy, variables["params"]))
-  return model, schedule.from_config(config), state
+  return model, schedule.from_config(config), mesh.replicate(state)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "ema_decay", "ema_start_step"),
-                   donate_argnums=(1,))
-def train_steps(model, state: DiffusionState, sched, features_dev, targets, support_idx,
-                support_labels, classes, key, ema_decay: float, ema_start_step: int):
-  """Several optimiser steps in one `lax.scan`.
+@functools.partial(
+    jax.jit, static_argnames=("model", "num_steps", "episodes_per_step", "ways", "shots",
+                              "ema_decay", "ema_start_step"),
+    donate_argnums=(1,))
+def train_steps(model, state: DiffusionState, sched, features_dev, targets, table, episode_key,
+                key, num_steps: int, episodes_per_step: int, ways: int, shots: int,
+                ema_decay: float, ema_start_step: int):
+  """`num_steps` optimiser steps in one `lax.scan`, episodes drawn on the device.
+
+  Step s trains on episodes s * B, ..., s * B + B - 1 (`episodes.draw_support` from
+  `episode_key`), split over the devices of the data mesh; the parameters stay replicated and
+  the loss is the mean over the whole batch, so the numbers do not depend on the device count.
 
   Args:
     model: the TCUNet.
-    state: the train state.
+    state: the train state (replicated).
     sched: the schedule.
     features_dev: [n, D] base features.
     targets: [C, D] the base-class targets.
-    support_idx, support_labels: [S, B, N*K] episode indices and labels, S steps of B episodes.
-    classes: [S, B, N] base class of each episode label.
+    table: the base split's `episodes.ClassTable`.
+    episode_key: the key of the training episodes.
     key: the diffusion key; step s draws t and the noise from fold_in(key, s).
+    num_steps: steps in this call. episodes_per_step: B. ways: N. shots: K.
     ema_decay, ema_start_step: the EMA's decay and the steps it copies outright.
 
   Returns:
-    (state, losses [S]).
+    (state, losses [num_steps]).
   """
+  labels = jnp.broadcast_to(jnp.repeat(jnp.arange(ways, dtype=jnp.int32), shots),
+                            (episodes_per_step, ways * shots))
+  draw = jax.vmap(episodes_lib.draw_support, in_axes=(None, None, 0, None, None))
 
-  def one_step(state, batch):
-    idx, labels, cls = batch
+  def one_step(state, _):
+    index = state.step * episodes_per_step + jnp.arange(episodes_per_step)
+    idx, classes = mesh.constrain(draw(table, episode_key, index, ways, shots))
     support = jnp.take(features_dev, idx, axis=0)  # [B, N*K, D]
-    w0 = jnp.take(targets, cls, axis=0)  # [B, N, D]
-    step_key = jax.random.fold_in(key, state.step)
+    w0 = jnp.take(targets, classes, axis=0)  # [B, N, D]
+    return diffusion_step(model, state, sched, w0, support, labels, key, ema_decay,
+                          ema_start_step)
 
-    def loss_fn(params):
-      return diffusion.loss(model, {"params": params}, sched, w0, support, labels, step_key)
-
-    loss, grads = jax.value_and_grad(loss_fn)(state.params)
-    state = state.apply_gradients(grads=grads)
-    state = state.replace(ema_params=ema_update(state.ema_params, state.params, state.step,
-                                                ema_decay, ema_start_step))
-    return state, loss
-
-  return jax.lax.scan(one_step, state, (support_idx, support_labels, classes))
+  return jax.lax.scan(one_step, state, None, length=num_steps)
 
 
 def stage(config, workdir: str) -> None:
@@ -132,13 +140,17 @@ def train_shot(config, workdir: str, shots: int, base, targets: np.ndarray, val)
       logging.info("train %d-shot: done (%d steps; best validation accuracy %.4f at step %d);"
                    " skipping", shots, step, meta["best_val_accuracy"], meta["best_step"])
       return
-    sampler = episodes_lib.EpisodeSampler(base.labels, t.ways, shots, 0, config.seed,
-                                          f"train-{shots}shot")
+    table = episodes_lib.class_table(base.labels)
+    episodes_lib.check_support_episodes(table, t.ways, shots, "train")
     val_sampler = episodes_lib.EpisodeSampler(val.labels, t.ways, shots, t.val_queries,
                                               config.seed, "val")
-    features_dev = jnp.asarray(base.features)
-    targets_dev = jnp.asarray(targets, jnp.float32)
+    features_dev, targets_dev, table = mesh.replicate(
+        (base.features, np.asarray(targets, np.float32), table))
+    val_features = mesh.replicate(val.features)
     key = common.key(config, "diffusion", shots)
+    episode_key = common.key(config, "episodes", shots)
+    val_sched = schedule.for_sampling(config)
+    sampler_options = evaluate.sampler_options(config)
     val_key = common.key(config, "sampling", 1)
     b = t.episodes_per_step
     logging.info("train %d-shot: %d steps of %d episodes, %d base classes, D = %d", shots,
@@ -146,9 +158,10 @@ def train_shot(config, workdir: str, shots: int, base, targets: np.ndarray, val)
     writer = metrics.MetricWriter(out, enabled=common.is_writer(), resume_step=step)
 
     def validate_and_save(step, state, meta):
-      m = evaluate.run_episodes(model, {"params": state.ema_params}, sched, val, val_sampler,
-                                t.val_episodes, config.eval.batch_episodes, val_key,
-                                desc=f"validate {shots}-shot", progress=False)
+      m = evaluate.run_episodes(model, {"params": state.ema_params}, val_sched, val_features,
+                                val_sampler, t.val_episodes, config.eval.batch_episodes,
+                                val_key, desc=f"validate {shots}-shot", progress=False,
+                                **sampler_options)
       acc, ratio = float(m["accuracy"].mean()), float(m["norm_ratio"].mean())
       proto = float(m["prototype_accuracy"].mean())
       writer.write(step, {"val_accuracy": acc, "val_norm_ratio": ratio,
@@ -169,12 +182,9 @@ def train_shot(config, workdir: str, shots: int, base, targets: np.ndarray, val)
     try:
       while step < t.steps:
         count = min(t.steps_per_call, t.steps - step)
-        eps = sampler.batch(step * b, count * b)
-        shape = lambda x: x.reshape(count, b, *x.shape[1:])
         state, losses = train_steps(
-            model, state, sched, features_dev, targets_dev, shape(eps.support),
-            shape(eps.support_labels), shape(eps.classes), key, float(t.ema_decay),
-            int(t.ema_start_step))
+            model, state, sched, features_dev, targets_dev, table, episode_key, key, count, b,
+            t.ways, shots, float(t.ema_decay), int(t.ema_start_step))
         losses = np.asarray(losses)
         if not np.all(np.isfinite(losses)):
           bad = step + 1 + int(np.argmin(np.isfinite(losses)))
