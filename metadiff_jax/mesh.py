@@ -211,14 +211,6 @@ def to_host(x) -> np.ndarray:
   return np.asarray(x)
 
 
-def gather_replicated(x):
-  """Inside a jitted function: `x` laid out whole on every device (for outputs to the host)."""
-  if num_shards() == 1:
-    return x
-  return jax.tree_util.tree_map(
-      lambda leaf: jax.lax.with_sharding_constraint(leaf, replicated()), x)
-
-
 def _shape_with(count: int, axis: int) -> tuple[int, ...]:
   return (1,) * axis + (count,)
 

@@ -15,7 +15,7 @@ import logging
 import os
 import time
 
-from metadiff_jax import config_lib
+from metadiff_jax import config_lib, mesh
 from metadiff_jax.stages import common, evaluate, pretrain, prototypes, train
 
 STAGES = {"pretrain": pretrain.stage, "prototypes": prototypes.stage, "train": train.stage,
@@ -26,7 +26,7 @@ def run(config, workdir: str) -> None:
   """Runs config.stages in order in `workdir` (created if needed)."""
   config_lib.check(config)
   root = common.prepare_workdir(workdir)
-  logging.info("devices: %s", common.device_summary())
+  logging.info("devices: %s", mesh.describe())
   common.log_config(config)
   if common.is_writer():
     common.write_json(os.path.join(root, "config.json"), config.to_dict())

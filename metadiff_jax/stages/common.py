@@ -212,7 +212,3 @@ def prototype_accuracy(features_dev, support_idx, support_labels, query_idx, que
 
 def log_config(config) -> None:
   logging.info("config:\n%s", config)
-
-
-def device_summary() -> str:
-  return mesh.describe()
