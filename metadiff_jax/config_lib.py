@@ -15,10 +15,15 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
+from metadiff_jax import heads, tcunet
 from metadiff_jax.data import augment
 from metadiff_jax.errors import ConfigError
 
+# The pipeline's stages, in the order they run by default; "analysis" (the paper's analyses,
+# `stages.analysis`) runs only where config.stages names it.
 STAGES = ("pretrain", "prototypes", "train", "eval")
+OPTIONAL_STAGES = ("analysis",)
+ANALYSIS_PARTS = ("table2", "table3", "table4", "fig4", "fig5")
 DTYPES = ("float32", "bfloat16")
 PRECISIONS = ("default", "high", "highest")
 
@@ -85,6 +90,16 @@ def base_config(dataset: str = "glyphs", backbone: str = "conv4") -> ml_collecti
   # augmented images (the original used one augmented pass).
   config.prototypes = ml_collections.ConfigDict()
   config.prototypes.augmented_passes = 0
+  # With the linear head (denoiser.head = "linear") an episode's target w0 is instead the
+  # N-way linear classifier fit, during diffusion training, by cross-entropy on all base
+  # images of the episode's classes (`heads.fit_linear`: Nesterov steps from zero, step size
+  # 1 / curvature bound, penalty l2 * ||W||^2 on the weights, not the bias). Chosen on random
+  # ReLU features like Conv4's (D = 256, 5 classes of 20 images, three class separations,
+  # 8 episodes each): with l2 = 1e-2, 400 steps bring the objective within 0.4-0.6% of its
+  # 20,000-step optimum, and doubling them changes it by < 0.2% (100 steps: 1.6-3.6% off);
+  # held-out accuracy is the same (+-0.01) for l2 from 1e-3 to 1e-2, and 1e-3 needs 800 steps.
+  config.prototypes.linear_fit_steps = 400
+  config.prototypes.linear_fit_l2 = 1e-2
 
   # Section 4.2: DDPM's linear schedule, beta from 1e-4 to 0.02 over T = 1000 steps.
   config.diffusion = ml_collections.ConfigDict()
@@ -101,12 +116,23 @@ def base_config(dataset: str = "glyphs", backbone: str = "conv4") -> ml_collecti
   config.diffusion.sampler_dtype = "float32"
   config.diffusion.sampler_precision = "default"
 
-  # Section 4.3: the TCUNet. feature_dim None: the backbone's; hidden_dims None: (D/2, D/4).
+  # Section 4.3: the TCUNet. feature_dim None: the backbone's D; hidden_dims None: (W/2, W/4)
+  # for weight rows of width W (D, or D + 1 for the linear head).
   config.denoiser = ml_collections.ConfigDict()
   config.denoiser.feature_dim = config_dict.placeholder(int)
   config.denoiser.hidden_dims = config_dict.placeholder(tuple)
   config.denoiser.time_embed_dim = 320
   config.denoiser.loss_reduction = "sum"  # the original code; "mean" is Eq. 11 as printed
+  # The variants of Tables 3 and 4 (see `tcunet`). head: the base learner whose weights are
+  # diffused, "prototype" (the paper's; targets are class means) or "linear" (Table 4; targets
+  # from prototypes.linear_fit_*, queries scored by W f + b, and the network is fed the
+  # gradient of its cross-entropy support loss). gradient, for the prototype head: "l2"
+  # (Eq. 11) or "cosine_ce" (Table 3 ii: the support set's cross-entropy under the 10 x
+  # cosine query classifier). unet = False (Table 3 iii, "w/o UNet"): eps = the gradient, with
+  # no parameters to train; run it with stages that skip "train".
+  config.denoiser.head = "prototype"
+  config.denoiser.gradient = "l2"
+  config.denoiser.unet = True
 
   # Diffusion training (Algorithm 1, Eq. 12), one denoiser per shot setting; defaults are the
   # original's: Adam 1e-4 with PyTorch-style L2 5e-4, 8 episodes a step, EMA 0.9999 copied
@@ -137,6 +163,41 @@ def base_config(dataset: str = "glyphs", backbone: str = "conv4") -> ml_collecti
   config.eval.queries = 15
   config.eval.episodes = 600
   config.eval.batch_episodes = 100  # episodes per compiled sampler call
+
+  # The paper's analyses (the optional "analysis" stage, configs/paper_analysis.py): Tables
+  # 2-4 and Figures 4-5 on the eval stage's test episodes (eval.ways, eval.queries).
+  config.analysis = ml_collections.ConfigDict()
+  # What to produce: any of table2, table3, table4, fig4, fig5.
+  config.analysis.parts = ANALYSIS_PARTS
+  config.analysis.shots = config_dict.placeholder(tuple)  # None: the eval stage's shots
+  config.analysis.episodes = config_dict.placeholder(int)  # test episodes; None: eval.episodes
+  config.analysis.batch_episodes = 100
+  # The baselines' inner loop: steps at meta-training and test time (ANIL, MetaLSTM, ALFA),
+  # and the std of the Gaussian initial weights (GDA, momentum GDA, ALFA; MetaDiff's w_T is
+  # N(0, I) too).
+  config.analysis.inner_steps = 10
+  config.analysis.init_std = 1.0
+  # GDA and momentum GDA have nothing to meta-train: learning rate and step count are picked
+  # on validation episodes from this grid (the choice is written into table2.md).
+  config.analysis.gda_learning_rates = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3)
+  config.analysis.gda_steps = (1, 3, 10, 30, 100)
+  config.analysis.gda_momentum = 0.9
+  # Bi-level meta-training of ANIL, MetaLSTM and ALFA on base episodes of `queries` queries a
+  # class: Adam on the query cross-entropy, through the unrolled inner loop.
+  config.analysis.meta_steps = 10_000
+  config.analysis.meta_episodes_per_step = 8
+  config.analysis.meta_learning_rate = 1e-3
+  config.analysis.queries = 15
+  config.analysis.steps_per_call = 50
+  config.analysis.log_every_steps = 100
+  config.analysis.val_every_steps = 1000
+  config.analysis.val_episodes = 300
+  # Training steps of the ablation denoisers (Tables 3-4); None: train.steps.
+  config.analysis.denoiser_steps = config_dict.placeholder(int)
+  # Figure 4: inner-loop step counts whose training-step memory is measured.
+  config.analysis.memory_inner_steps = (5, 10, 20, 40, 80)
+  # Figure 5: reverse steps between the points of the convergence curve.
+  config.analysis.trajectory_every = 10
   return config
 
 
@@ -186,10 +247,10 @@ def finalize(config: ml_collections.ConfigDict, arg: str | None = None,
 
 def check(config) -> None:
   """Checks values that a locked config cannot (run before any stage; overrides included)."""
-  unknown = [s for s in stages_of(config) if s not in STAGES]
+  unknown = [s for s in stages_of(config) if s not in STAGES + OPTIONAL_STAGES]
   if unknown:
     raise ConfigError(f"unknown stage {unknown[0]!r} in config.stages; choose from "
-                      f"{', '.join(STAGES)}")
+                      f"{', '.join(STAGES + OPTIONAL_STAGES)}")
   for section, field, low in (("pretrain", "epochs", 0), ("pretrain", "batch_size", 1),
                               ("train", "steps", 0), ("train", "episodes_per_step", 1),
                               ("train", "steps_per_call", 1), ("train", "ways", 2),
@@ -219,8 +280,69 @@ def check(config) -> None:
   _check_device_split(config)
   if config.prototypes.augmented_passes < 0:
     raise ConfigError("config.prototypes.augmented_passes must be >= 0 (0: clean images)")
+  _check_denoiser_variant(config)
   if not 0 <= config.train.ema_decay < 1:
     raise ConfigError(f"config.train.ema_decay must be in [0, 1), got {config.train.ema_decay}")
+  if "analysis" in stages_of(config):
+    _check_analysis(config)
+
+
+def _check_analysis(config) -> None:
+  """The analysis section's values (checked only where the analysis stage runs)."""
+  a = config.analysis
+  unknown = [p for p in a.parts if p not in ANALYSIS_PARTS]
+  if unknown or not a.parts:
+    raise ConfigError(f"config.analysis.parts must name some of {', '.join(ANALYSIS_PARTS)}, "
+                      f"got {tuple(a.parts)!r}")
+  for field, low in (("inner_steps", 1), ("meta_steps", 0), ("meta_episodes_per_step", 1),
+                     ("queries", 1), ("steps_per_call", 1), ("val_episodes", 1),
+                     ("batch_episodes", 1), ("trajectory_every", 1), ("log_every_steps", 1),
+                     ("val_every_steps", 1)):
+    value = a[field]
+    if int(value) != value or value < low:
+      raise ConfigError(f"config.analysis.{field} must be an integer >= {low}, got {value!r}")
+  for field in ("episodes", "denoiser_steps"):
+    value = a[field]
+    if value is not None and (int(value) != value or value < 1):
+      raise ConfigError(f"config.analysis.{field} must be a positive integer or None, got "
+                        f"{value!r}")
+  for field in ("gda_learning_rates", "gda_steps", "memory_inner_steps"):
+    if not a[field] or any(v <= 0 for v in a[field]):
+      raise ConfigError(f"config.analysis.{field} must be a non-empty tuple of positive "
+                        f"numbers, got {a[field]!r}")
+  if a.shots is not None and (not a.shots or any(int(k) != k or k < 1 for k in a.shots)):
+    raise ConfigError(f"config.analysis.shots must be a tuple of positive ints like (1, 5), "
+                      f"got {a.shots!r}")
+  if not 0 <= a.gda_momentum < 1:
+    raise ConfigError(f"config.analysis.gda_momentum must be in [0, 1), got {a.gda_momentum}")
+  if a.meta_learning_rate <= 0 or a.init_std < 0:
+    raise ConfigError("config.analysis.meta_learning_rate must be > 0 and init_std >= 0")
+
+
+def _check_denoiser_variant(config) -> None:
+  """The head, gradient and UNet switches of config.denoiser, and the linear head's fit."""
+  d, p = config.denoiser, config.prototypes
+  if d.head not in heads.HEADS:
+    raise ConfigError(f"config.denoiser.head must be one of {', '.join(heads.HEADS)}, got "
+                      f"{d.head!r}")
+  if d.gradient not in tcunet.GRADIENTS:
+    raise ConfigError(f"config.denoiser.gradient must be one of "
+                      f"{', '.join(tcunet.GRADIENTS)}, got {d.gradient!r}")
+  if d.head == "linear" and d.gradient != "l2":
+    raise ConfigError(f"config.denoiser.gradient = {d.gradient!r} is a prototype-head variant; "
+                      "the linear head is fed its own cross-entropy gradient: set it to 'l2'")
+  if not isinstance(d.unet, bool):
+    raise ConfigError(f"config.denoiser.unet must be True or False, got {d.unet!r}")
+  if not d.unet and "train" in stages_of(config):
+    raise ConfigError("config.denoiser.unet = False has no parameters, so there is nothing to "
+                      "train; drop 'train' from config.stages, e.g. "
+                      "('pretrain', 'prototypes', 'eval')")
+  steps = p.linear_fit_steps
+  if int(steps) != steps or steps < 1:
+    raise ConfigError(f"config.prototypes.linear_fit_steps must be an integer >= 1, got "
+                      f"{steps!r}")
+  if not p.linear_fit_l2 >= 0:
+    raise ConfigError(f"config.prototypes.linear_fit_l2 must be >= 0, got {p.linear_fit_l2!r}")
 
 
 def _check_device_split(config) -> None:
@@ -229,7 +351,9 @@ def _check_device_split(config) -> None:
   shards = mesh.num_shards()
   stages = stages_of(config)
   for stage, field in (("pretrain", "pretrain.batch_size"),
-                       ("train", "train.episodes_per_step")):
+                       ("train", "train.episodes_per_step"),
+                       ("analysis", "train.episodes_per_step"),
+                       ("analysis", "analysis.meta_episodes_per_step")):
     section, name = field.split(".")
     value = config[section][name]
     imported = stage == "pretrain" and config.backbone.checkpoint

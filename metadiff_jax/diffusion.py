@@ -1,4 +1,4 @@
-"""The diffusion over prototype weights: forward noising, the training loss, the sampler.
+"""The diffusion over a head's weights: forward noising, the training loss, the sampler.
 
 - Training (Algorithm 1, Eq. 12): w_t = sqrt(abar_t) w0 + sqrt(1 - abar_t) eps with
   t ~ U{0..T-1} and eps ~ N(0, I) per episode; the loss is the mean of (eps_theta - eps)^2 over
@@ -6,7 +6,8 @@
 - Inference (Algorithm 2, Eq. 8 as the original code runs it): starting from w_T ~ N(0, I),
   w_{t-1} = (w_t - beta_t / sqrt(1 - abar_t) * eps_theta(w_t, S, t)) / sqrt(alpha_t)
   for t = T-1, ..., 0, with no noise term. The whole loop is one `lax.scan` over all episodes
-  at once. Before it, the support set's class sums and counts are computed once per episode,
+  at once. Before it, what the support-loss gradient needs of the support set
+  (`tcunet.condition`: the class sums and counts for Eq. 11) is computed once per episode,
   and the network's time features (embedding, gate, block factors) once per step for all
   steps; each step is then the support-loss gradient and one matmul per block over all
   episodes' rows.
@@ -15,9 +16,12 @@
   training step `sched.timesteps[i]` and updates with the respaced coefficients at i.
 
 The model is any Flax module with TCUNet's interface: `__call__(w_t, t, support, labels)` for
-training, and `time_features(t)`, `support_gradient(w_t, stats)` and
-`from_gradient_and_time(grad, time_features, grad_in)` for the sampler. Functions named
-`*_batch` and `loss*` take a leading episode axis B; `sample` works on one episode.
+training, and `time_features(t)`, `support_gradient(w_t, cond)` and
+`from_gradient_and_time(grad, time_features, grad_in)` for the sampler, where `cond` is
+`tcunet.condition(model.head, model.gradient, support, labels, N)`; a module without `head`
+and `gradient` attributes is taken to be the default variant ("prototype", "l2"). The weights
+are [N, W]: W = D for the prototype head, D + 1 (the bias) for the linear head. Functions
+named `*_batch` and `loss*` take a leading episode axis B; `sample` works on one episode.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from metadiff_jax import prototypes
+from metadiff_jax import prototypes, tcunet
 from metadiff_jax.schedule import Schedule
 
 # How often each compiled entry point has been traced, so that tests can assert that it
@@ -66,7 +70,7 @@ def loss_from_noise(model, variables, sched: Schedule, w0, support, support_labe
     model: the denoiser module (e.g. `TCUNet`).
     variables: its variables, {"params": ...}.
     sched: the schedule.
-    w0: [B, N, D] target weights.
+    w0: [B, N, W] target weights (W = D, or D + 1 for the linear head).
     support: [B, S, D] support features.
     support_labels: [B, S] ints in [0, N).
     t: [B] int steps in [0, T).
@@ -75,7 +79,7 @@ def loss_from_noise(model, variables, sched: Schedule, w0, support, support_labe
   Returns:
     The mean over all B * N * D entries of (eps_theta(w_t, S, t) - noise)^2.
   """
-  _check_args(w0, support, support_labels, "w0", batched=True)
+  _check_args(w0, support, support_labels, "w0", batched=True, head=_head(model))
   if jnp.shape(noise) != jnp.shape(w0):
     raise ValueError(f"`noise` must have the shape of `w0` {jnp.shape(w0)}, got {jnp.shape(noise)}")
   if jnp.shape(t) != jnp.shape(w0)[:1] or not jnp.issubdtype(jnp.result_type(t), jnp.integer):
@@ -109,7 +113,7 @@ def sample(model, variables, sched: Schedule, w_T, support, support_labels, *,
     variables: its variables.
     sched: the sampler's schedule, the training schedule or a respaced one
       (`schedule.respace`, `schedule.for_sampling`); K = sched.num_steps steps.
-    w_T: [N, D] starting weights, N(0, I) in MetaDiff.
+    w_T: [N, W] starting weights, N(0, I) in MetaDiff (W = D, or D + 1 for the linear head).
     support: [S, D] support features.
     support_labels: [S] ints in [0, N).
     trajectory_every: if set to k (dividing K), also return the weights every k steps.
@@ -123,7 +127,7 @@ def sample(model, variables, sched: Schedule, w_T, support, support_labels, *,
     [K // k + 1, N, D] and entry j holds the weights after j * k reverse steps (entry 0 is
     w_T, the last is w0).
   """
-  _check_args(w_T, support, support_labels, "w_T", batched=False)
+  _check_args(w_T, support, support_labels, "w_T", batched=False, head=_head(model))
   _check_trajectory_every(trajectory_every, sched.num_steps)
   return _sample_jit(model, variables, sched, w_T, support, support_labels, trajectory_every,
                      _canonical_dtype(dtype), _canonical_precision(precision))
@@ -142,7 +146,7 @@ def sample_batch(model, variables, sched: Schedule, w_T, support, support_labels
   Returns:
     w0: [B, N, D], or (w0, trajectory [B, K // k + 1, N, D]) with `trajectory_every=k`.
   """
-  _check_args(w_T, support, support_labels, "w_T", batched=True)
+  _check_args(w_T, support, support_labels, "w_T", batched=True, head=_head(model))
   _check_trajectory_every(trajectory_every, sched.num_steps)
   return _sample_batch_jit(
       model, variables, sched, w_T, support, support_labels, trajectory_every,
@@ -158,9 +162,9 @@ def _sample_episodes(model, variables, sched, w_T, support, support_labels, traj
   """The reverse process of B episodes, w_T [B, N, D]; traced, never called on host arrays.
 
   Everything that depends on the step alone (time embedding, gate, the five block factors) is
-  computed for all K steps before the scan, and so are the episodes' class sums and counts;
-  each scan step is then the support-loss gradient, five matmuls over all B * N rows and the
-  update.
+  computed for all K steps before the scan, and so is what the support-loss gradient needs of
+  each episode (`tcunet.condition`: the class sums and counts for Eq. 11); each scan step is
+  then the support-loss gradient, five matmuls over all B * N rows and the update.
   """
   if dtype is not None or precision is not None:
     model = model.clone(**{k: v for k, v in (("dtype", dtype), ("precision", precision))
@@ -170,8 +174,9 @@ def _sample_episodes(model, variables, sched, w_T, support, support_labels, traj
     variables = jax.tree_util.tree_map(
         lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, variables)
   num_classes = w_T.shape[-2]
-  stats = jax.vmap(prototypes.support_stats, in_axes=(0, 0, None))(
-      support, support_labels, num_classes)
+  head, grad_kind = _head(model), getattr(model, "gradient", "l2")
+  cond = jax.vmap(lambda s, y: tcunet.condition(head, grad_kind, s, y, num_classes))(
+      support, support_labels)
   # Sampling steps i = K-1, ..., 0 in the order the scan visits them. The network is told the
   # training schedule's step timesteps[i]; the update uses the sampler's coefficients at i.
   order = jnp.arange(sched.num_steps - 1, -1, -1)
@@ -179,7 +184,7 @@ def _sample_episodes(model, variables, sched, w_T, support, support_labels, traj
   xs = (time, sched.remove_noise_coeff[order], sched.reciprocal_sqrt_alphas[order])
   # The carried weights stay at least float32 whatever the network computes in.
   w_T = w_T.astype(jnp.promote_types(w_T.dtype, jnp.float32))
-  gradient = lambda w: model.apply(variables, w, stats, method="support_gradient")
+  gradient = lambda w: model.apply(variables, w, cond, method="support_gradient")
   # What the first layer computes on: the gradient cast to the layers' dtype.
   layer_input = lambda grad: grad if model.dtype is None else grad.astype(model.dtype)
 
@@ -254,11 +259,17 @@ def _canonical_precision(precision):
       f"got {precision!r}")
 
 
-def _check_args(w, support, support_labels, name, batched):
+def _head(model) -> str:
+  """The model's head; a module with the old interface has none and is a prototype denoiser."""
+  return getattr(model, "head", "prototype")
+
+
+def _check_args(w, support, support_labels, name, batched, head="prototype"):
   """Ranks, episode counts, feature dims and label dtype at trace time; label values on host.
 
-  Label values are checked only where they are concrete; under a trace `support_stats` turns
-  out-of-range labels into NaN instead.
+  Label values are checked only where they are concrete; under a trace `tcunet.condition`
+  turns out-of-range labels into NaN instead. The linear head's weights are one column (the
+  bias) wider than the support features.
   """
   shapes = {name: jnp.shape(w), "support": jnp.shape(support),
             "support_labels": jnp.shape(support_labels)}
@@ -274,7 +285,12 @@ def _check_args(w, support, support_labels, name, batched):
   # One episode's view of the arguments, for the per-episode checks.
   episode = lambda x: jax.ShapeDtypeStruct(jnp.shape(x)[int(batched):], jnp.result_type(x))
   prototypes.check_episode(episode(support), episode(support_labels))
-  if shapes["support"][-1] != shapes[name][-1]:
+  bias = int(head == "linear")
+  if shapes["support"][-1] + bias != shapes[name][-1]:
+    if bias:
+      raise ValueError(
+          f"`support` has feature dim D = {shapes['support'][-1]} but the linear head's "
+          f"`{name}` has rows of {shapes[name][-1]}; they must be D + 1 (the bias last)")
     raise ValueError(
         f"`support` has feature dim D = {shapes['support'][-1]} but `{name}` has "
         f"D = {shapes[name][-1]}; they must match")

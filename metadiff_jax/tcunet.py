@@ -21,6 +21,22 @@ Widths: D -> h1 -> h2 -> h2 -> h1 -> D with (h1, h2) = (D/2, D/4) by default. Pa
 one-to-one onto the original's PyTorch names: `time_scale.0` -> `time_scale_0`,
 `time_scale.2` -> `time_scale_2`, `time_embB` -> `time_embB`, `proto_infB` -> `proto_infB`
 (B = 1..5), each a Dense with kernel = weight.T (see `torch_import`).
+
+Variants (the paper's Tables 3 and 4), chosen by the module's attributes; the default is the
+network above, unchanged:
+
+- `head`: the base learner whose weights w are diffused (`heads`): "prototype" (w [N, D]) or
+  "linear" (w [N, D + 1], bias last; Table 4). `feature_dim` is the width of w's rows, so the
+  support features of the linear head have `feature_dim - 1` columns.
+- `gradient`: what step 3 feeds the network for the prototype head: "l2", Eq. 11's gradient,
+  or "cosine_ce" (Table 3 ii, "replacing L2 loss"), the gradient of the support set's
+  cross-entropy under the query classifier's own 10 x cosine logits. The linear head is always
+  fed the gradient of its own cross-entropy support loss.
+- `unet`: False (Table 3 iii, "w/o UNet") drops steps 1, 2, 4 and 5: eps = g, and the module
+  has no parameters.
+
+`condition` computes, once per episode, what the gradient needs of the support set; the
+sampler hands it to `support_gradient` at every step.
 """
 
 from __future__ import annotations
@@ -33,7 +49,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from metadiff_jax import prototypes
+from metadiff_jax import heads, prototypes
+
+GRADIENTS = ("l2", "cosine_ce")
 
 
 def _torch_linear_bias_init(fan_in: int):
@@ -60,6 +78,53 @@ def sinusoidal_time_embedding(t, dim: int = 320) -> jnp.ndarray:
   return jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], axis=-1)
 
 
+def check_variant(head: str, gradient: str) -> None:
+  """Raises ValueError for an unknown head or gradient, or one the head cannot take."""
+  heads.check_head(head)
+  if gradient not in GRADIENTS:
+    raise ValueError(f"unknown gradient {gradient!r}: use one of {GRADIENTS}")
+  if head == "linear" and gradient != "l2":
+    raise ValueError(f"gradient {gradient!r} is a prototype-head variant; the linear head is "
+                     "always fed its own cross-entropy gradient: use gradient='l2'")
+
+
+def condition(head: str, gradient: str, support, labels, num_classes: int):
+  """What the support-loss gradient of one episode needs of its support set.
+
+  Computed once per episode, before the reverse loop; `support_gradient` takes it.
+
+  Args:
+    head, gradient: the variant (see `TCUNet`).
+    support: [S, D] support features.
+    labels: [S] ints in [0, N).
+    num_classes: N.
+
+  Returns:
+    For ("prototype", "l2"): `prototypes.SupportStats`, the class sums [N, D] and counts [N]
+    that Eq. 11's closed-form gradient needs. For the cross-entropy gradients:
+    (support [S, D], labels [S]) as they are. Either is NaN where a label lies outside
+    [0, N) (the values are unknown under a trace), so such an episode cannot pass silently.
+  """
+  check_variant(head, gradient)
+  if head == "prototype" and gradient == "l2":
+    return prototypes.support_stats(support, labels, num_classes)
+  prototypes.check_episode(support, labels)
+  # An out-of-range label makes the cross-entropy NaN but its gradient merely drops the
+  # example, a finite wrong answer; poisoned features make the gradient NaN too.
+  in_range = jnp.all((labels >= 0) & (labels < num_classes))
+  return support + jnp.where(in_range, 0.0, jnp.nan).astype(support.dtype), labels
+
+
+def episode_gradient(head: str, gradient: str, w, cond, reduction: str = "sum"):
+  """d(support loss)/dw of one episode's weights w [N, W] from its `condition`: [N, W]."""
+  if head == "prototype" and gradient == "l2":
+    return prototypes.support_loss_grad_from_stats(w, cond, reduction)
+  support, labels = cond
+  if head == "prototype":
+    return heads.cosine_ce_grad(w, support, labels, reduction)
+  return heads.support_grad(head, w, support, labels, reduction)
+
+
 class TimeFeatures(NamedTuple):
   """What the TCUNet computes from the step t alone, for steps t of shape [...].
 
@@ -77,13 +142,18 @@ class TCUNet(nn.Module):
   """eps_theta(w_t, S, t) for one episode.
 
   Attributes:
-    feature_dim: D, the width of the features and prototypes.
-    hidden_dims: (h1, h2), the encoder widths; None gives (D // 2, D // 4).
+    feature_dim: the width of the weight rows: D, that of the features, for the prototype
+      head; D + 1 for the linear head.
+    hidden_dims: (h1, h2), the encoder widths; None gives (feature_dim // 2, feature_dim // 4).
     time_embed_dim: E, the width of the sinusoidal time embedding (even).
     loss_reduction: "sum" (the original code) or "mean" (Eq. 11 as printed) for the support
       loss whose gradient feeds the network.
     dtype: computation dtype of the dense layers (None: that of the inputs).
     precision: matmul precision of the dense layers (a `jax.lax.Precision` or None).
+    head: "prototype" or "linear", the base learner whose weights are denoised.
+    gradient: "l2" (Eq. 11) or "cosine_ce" (Table 3 ii; prototype head only), the support
+      loss whose gradient feeds the network.
+    unet: False gives eps = the gradient (Table 3 iii), with no parameters.
   """
 
   feature_dim: int = 512
@@ -92,6 +162,9 @@ class TCUNet(nn.Module):
   loss_reduction: str = "sum"
   dtype: Any = None
   precision: Any = None
+  head: str = "prototype"
+  gradient: str = "l2"
+  unet: bool = True
 
   def __post_init__(self):
     # A tuple keeps the module hashable, as `jax.jit` needs of a static argument; configs and
@@ -100,6 +173,7 @@ class TCUNet(nn.Module):
       if len(self.hidden_dims) != 2:
         raise ValueError(f"hidden_dims must be two widths (h1, h2), got {self.hidden_dims!r}")
       object.__setattr__(self, "hidden_dims", tuple(int(h) for h in self.hidden_dims))
+    check_variant(self.head, self.gradient)
     super().__post_init__()
 
   def setup(self):
@@ -108,6 +182,8 @@ class TCUNet(nn.Module):
     if self.loss_reduction not in prototypes.REDUCTIONS:
       raise ValueError(
           f"unknown loss_reduction {self.loss_reduction!r}: use one of {prototypes.REDUCTIONS}")
+    if not self.unet:  # eps = g: no layers
+      return
     d, e = self.feature_dim, self.time_embed_dim
     h1, h2 = self.widths[:2]
     dense = self._dense
@@ -138,34 +214,42 @@ class TCUNet(nn.Module):
     """Predicts the noise in `w_t`.
 
     Args:
-      w_t: [N, D] noisy prototype weights at step t.
+      w_t: [N, W] noisy weights at step t, W = feature_dim (D, or D + 1 for the linear head).
       t: int scalar, the 0-based diffusion step.
       support: [S, D] support features.
       support_labels: [S] ints in [0, N).
 
     Returns:
-      eps: [N, D], the predicted noise.
+      eps: [N, W], the predicted noise.
     """
     self._check_weights(w_t, "w_t")
-    stats = prototypes.support_stats(support, support_labels, w_t.shape[0])  # checks ranks
-    if support.shape[-1] != self.feature_dim:
+    cond = condition(self.head, self.gradient, support, support_labels,
+                     w_t.shape[0])  # checks ranks
+    if support.shape[-1] != self.support_dim:
+      hint = (f" (the linear head's weight rows are D + 1 wide: its support features need "
+              f"D = {self.support_dim})" if self.head == "linear" else "")
       raise ValueError(
           f"`support` has feature dim {support.shape[-1]}, but the TCUNet was built for "
-          f"feature_dim={self.feature_dim}")
+          f"feature_dim={self.feature_dim}{hint}")
     prototypes.check_labels(support_labels, w_t.shape[0])
-    return self.denoise(w_t, t, stats)
+    return self.denoise(w_t, t, cond)
 
-  def denoise(self, w_t, t, stats: prototypes.SupportStats):
-    """Same as `__call__`, from the support set's class sums and counts.
+  @property
+  def support_dim(self) -> int:
+    """D, the width of the support features: feature_dim, less the linear head's bias."""
+    return self.feature_dim - (self.head == "linear")
 
-    `stats` can be computed once per episode; `diffusion.sample_batch` goes further, with
+  def denoise(self, w_t, t, cond):
+    """Same as `__call__`, from the episode's `condition` (e.g. the support set's class sums
+    and counts).
+
+    `cond` can be computed once per episode; `diffusion.sample_batch` goes further, with
     `time_features` for all steps at once, and `support_gradient` and `from_gradient_and_time`
     for all episodes at once.
     """
     self._check_weights(w_t, "w_t")
     _check_time(t)
-    grad = prototypes.support_loss_grad_from_stats(w_t, stats, self.loss_reduction)
-    return self.from_gradient(grad, t)
+    return self.from_gradient(self.support_gradient(w_t, cond), t)
 
   def from_gradient(self, grad, t):
     """eps from the support-loss gradient `grad` [N, D] and the step t (steps 1-2, 4-5)."""
@@ -181,6 +265,8 @@ class TCUNet(nn.Module):
     Returns:
       `TimeFeatures` with leading axes [...].
     """
+    if not self.unet:  # no time dependence; a gate of 1 says eps = g
+      return TimeFeatures(gate=jnp.ones(jnp.shape(t) + (1,), jnp.float32), scales=())
     e = sinusoidal_time_embedding(t, self.time_embed_dim)
     gate = nn.sigmoid(self.time_scale_2(nn.relu(self.time_scale_0(e))))
     layers = (self.time_emb1, self.time_emb2, self.time_emb3, self.time_emb4, self.time_emb5)
@@ -198,6 +284,8 @@ class TCUNet(nn.Module):
       grad_in: optionally `grad` already cast to the layers' dtype, for the first block (a
         sampler can produce it together with the previous step's update); None casts `grad`.
     """
+    if not self.unet:
+      return grad
     gate, (e1, e2, e3, e4, e5) = time
     x1 = nn.softplus(self.proto_inf1(grad if grad_in is None else grad_in) * e1)
     x2 = nn.softplus(self.proto_inf2(x1) * e2)
@@ -206,40 +294,41 @@ class TCUNet(nn.Module):
     x5 = self.proto_inf5(x4) * e5 + grad
     return gate * grad + (1.0 - gate) * x5
 
-  def support_gradient(self, w_t, stats: prototypes.SupportStats):
-    """The support-loss gradient (step 3) of weights `w_t` [..., N, D], [..., N, D].
+  def support_gradient(self, w_t, cond):
+    """The support-loss gradient (step 3) of weights `w_t` [..., N, W], [..., N, W].
 
-    `stats` has the leading axes of `w_t` (sums [..., N, D], counts [..., N]); the gradient is
-    per episode, so it is vmapped over those axes. No parameters are involved.
+    `cond` is `condition(...)` of the episodes, with the leading axes of `w_t` (e.g. class
+    sums [..., N, D] and counts [..., N]); the gradient is per episode, so it is vmapped over
+    those axes. No parameters are involved.
     """
     if jnp.ndim(w_t) < 2 or jnp.shape(w_t)[-1] != self.feature_dim:
       raise ValueError(
-          f"`w_t` must be [..., N, D] prototype weights with D = feature_dim = "
+          f"`w_t` must be [..., N, D] {self.head} weights with D = feature_dim = "
           f"{self.feature_dim}, got shape {jnp.shape(w_t)}")
-    grad_fn = functools.partial(
-        prototypes.support_loss_grad_from_stats, reduction=self.loss_reduction)
+    grad_fn = functools.partial(episode_gradient, self.head, self.gradient,
+                                reduction=self.loss_reduction)
     for _ in range(jnp.ndim(w_t) - 2):
       grad_fn = jax.vmap(grad_fn)
-    return grad_fn(w_t, stats)
+    return grad_fn(w_t, cond)
 
-  def denoise_from_time(self, w_t, time: TimeFeatures, stats: prototypes.SupportStats):
-    """eps for weights `w_t` [..., N, D] of many episodes at one step, given its features.
+  def denoise_from_time(self, w_t, time: TimeFeatures, cond):
+    """eps for weights `w_t` [..., N, W] of many episodes at one step, given its features.
 
     Args:
-      w_t: [..., N, D] noisy weights, leading axes over episodes.
+      w_t: [..., N, W] noisy weights, leading axes over episodes.
       time: one step's `TimeFeatures` (see `from_gradient_and_time`).
-      stats: `SupportStats` with the leading axes of `w_t` (sums [..., N, D],
-        counts [..., N]).
+      cond: the episodes' `condition`, with the leading axes of `w_t` (for the default
+        variant `SupportStats`: sums [..., N, D], counts [..., N]).
 
     Returns:
-      eps: [..., N, D]; every block is one matmul over all episodes' rows.
+      eps: [..., N, W]; every block is one matmul over all episodes' rows.
     """
-    return self.from_gradient_and_time(self.support_gradient(w_t, stats), time)
+    return self.from_gradient_and_time(self.support_gradient(w_t, cond), time)
 
   def _check_weights(self, w, name):
     if jnp.ndim(w) != 2 or jnp.shape(w)[-1] != self.feature_dim:
       raise ValueError(
-          f"`{name}` must be [N, D] prototype weights with D = feature_dim = "
+          f"`{name}` must be [N, D] {self.head} weights with D = feature_dim = "
           f"{self.feature_dim}, got shape {jnp.shape(w)}")
 
 

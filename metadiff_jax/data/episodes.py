@@ -229,3 +229,27 @@ def draw_support(table: ClassTable, key, index, ways: int, shots: int):
   members = jnp.asarray(table.members)[classes]  # [N, M]
   support = jnp.take_along_axis(members, positions, axis=1)
   return support.reshape(ways * shots).astype(jnp.int32), classes.astype(jnp.int32)
+
+
+def draw_episode(table: ClassTable, key, index, ways: int, shots: int, queries: int):
+  """Support and query set of episode `index`, drawn on the device (bi-level meta-training).
+
+  The support set is exactly `draw_support(table, key, index, ways, shots)`'s; the Q queries
+  of each class are K + Q images drawn together without replacement, so no query is also a
+  support image.
+
+  Args:
+    table, key, index, ways, shots: as in `draw_support`.
+    queries: Q, query images per class.
+
+  Returns:
+    (support [N*K], query [N*Q] int32 image indices, class-major; classes [N] int32). The
+    labels are `repeat(arange(N), K)` and `repeat(arange(N), Q)`.
+  """
+  # top_k returns the positions in order of their keys, so the first K of the K + Q smallest
+  # are the K smallest: the support set of `draw_support`.
+  both, classes = draw_support(table, key, index, ways, shots + queries)
+  both = both.reshape(ways, shots + queries)
+  support = both[:, :shots].reshape(ways * shots)
+  query = both[:, shots:].reshape(ways * queries)
+  return support, query, classes

@@ -4,6 +4,8 @@
 2. `prototypes`: the feature cache of every split and the diffusion targets w0.
 3. `train`: diffusion training of one TCUNet per shot setting.
 4. `eval`: MetaDiff, the untrained denoiser and class-mean prototypes on the test episodes.
+5. `analysis` (only where config.stages names it): the paper's Tables 2-4 and Figures 4-5,
+   MetaDiff against meta-optimizer baselines and its own ablations (configs/paper_analysis.py).
 
 Each stage restores its own checkpoint from the workdir if there is one and skips work already
 done, so `run` can be called again after an interruption, or with more steps.
@@ -16,10 +18,10 @@ import os
 import time
 
 from metadiff_jax import config_lib, mesh
-from metadiff_jax.stages import common, evaluate, pretrain, prototypes, train
+from metadiff_jax.stages import analysis, common, evaluate, pretrain, prototypes, train
 
 STAGES = {"pretrain": pretrain.stage, "prototypes": prototypes.stage, "train": train.stage,
-          "eval": evaluate.stage}
+          "eval": evaluate.stage, "analysis": analysis.stage}
 
 
 def run(config, workdir: str) -> None:

@@ -27,11 +27,11 @@ import numpy as np
 
 from metadiff_jax import backbones, checkpoint, mesh, prototypes, torch_import
 from metadiff_jax.data import augment, features
-from metadiff_jax.errors import StageError, UserError
+from metadiff_jax.errors import StageError, TrainingError, UserError
 
 # Tags folded into the run's key, one per purpose, so that no two streams coincide.
 KEY_TAGS = {"pretrain_init": 1, "pretrain_data": 2, "pretrain_dropout": 3, "prototypes": 4,
-            "denoiser_init": 5, "diffusion": 6, "sampling": 7, "episodes": 8}
+            "denoiser_init": 5, "diffusion": 6, "sampling": 7, "episodes": 8, "analysis": 9}
 
 
 def key(config, purpose: str, *fold: int) -> jax.Array:
@@ -199,6 +199,40 @@ def import_backbone(config, template_variables):
 
 
 # ----------------------------------------------------------------------------- episodes
+
+def sharded_episodes(sampler, start: int, batch: int):
+  """Episodes start..start + batch - 1 of an `episodes.EpisodeSampler`, split over the mesh.
+
+  Each process draws only the episodes its devices hold (`mesh.shard_rows`).
+
+  Returns:
+    (support [B, N*K], support_labels, query [B, N*Q], query_labels, index [B] int32), index
+    arrays as in `episodes.Episodes`, B = `batch` (a multiple of the device count).
+  """
+  def rows(a, b):
+    eps = sampler.batch(start + a, b - a)
+    return (eps.support, eps.support_labels, eps.query, eps.query_labels,
+            eps.index.astype(np.int32))
+  return mesh.shard_rows(batch, rows)
+
+
+def restore_latest(store: checkpoint.Checkpoints, state, meta: dict, run_dir: str, what: str):
+  """(state, meta) of the latest checkpoint in `store`, or the given ones if it has none.
+
+  Raises:
+    TrainingError: if the checkpoint does not fit `state` (a run of another config).
+  """
+  if store.latest_step() is None:
+    return state, meta
+  try:
+    state, meta = store.restore(state)
+  except ValueError as e:
+    raise TrainingError(f"the checkpoint in {store.directory} does not fit the config "
+                        f"({str(e).splitlines()[0]}); use the config it was written with or "
+                        f"delete {run_dir}") from None
+  logging.info("%s: resumed from step %d", what, int(state.step))
+  return state, meta
+
 
 @functools.partial(jax.jit, static_argnames=("ways",))
 def prototype_accuracy(features_dev, support_idx, support_labels, query_idx, query_labels,

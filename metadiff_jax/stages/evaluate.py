@@ -16,6 +16,13 @@ Each is reported as mean +- 1.96 std / sqrt(n) over episodes, with a divergence 
 mean norm of the sampled prototypes over that of the class-mean prototypes (1 means the sampler
 lands at the scale of the support means; far above 1, it diverged). w_T of episode i is drawn
 from fold_in(key, i), so the methods, batch sizes and reruns all see the same starting noise.
+
+With the linear head (config.denoiser.head = "linear", Table 4) MetaDiff samples the linear
+classifier [N, D + 1] and scores queries by W f + b; class-mean prototypes stay the reference
+row, and the norm ratio compares with the rows of the linear head fit on the support set
+(`heads.fit_linear`, config.prototypes.linear_fit_*), the scale a support-set solve reaches.
+Without the UNet (config.denoiser.unet = False) there is no checkpoint: eps is the gradient,
+and the untrained row is the same sampler.
 """
 
 from __future__ import annotations
@@ -29,7 +36,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from metadiff_jax import checkpoint, config_lib, diffusion, mesh, metrics, prototypes, schedule
+from metadiff_jax import (checkpoint, config_lib, diffusion, heads, mesh, metrics, prototypes,
+                          schedule)
 from metadiff_jax.data import episodes as episodes_lib
 from metadiff_jax.data import features
 from metadiff_jax.errors import StageError
@@ -48,56 +56,85 @@ def sampler_options(config) -> dict:
           "precision": None if d.sampler_precision == "default" else d.sampler_precision}
 
 
-@functools.partial(jax.jit, static_argnames=("model", "ways", "dtype", "precision"))
+def metric_options(config) -> dict:
+  """The linear head's norm-ratio reference fit, (steps, l2), as `run_episodes` takes it."""
+  p = config.prototypes
+  return {"linear_fit": (int(p.linear_fit_steps), float(p.linear_fit_l2))}
+
+
+@functools.partial(jax.jit, static_argnames=("model", "ways", "dtype", "precision",
+                                             "linear_fit"))
 def episode_metrics(model, variables, sched, features_dev, support_idx, support_labels,
-                    query_idx, query_labels, index, key, ways: int, dtype=None, precision=None):
-  """Per-episode metrics of sampled and class-mean prototypes.
+                    query_idx, query_labels, index, key, ways: int, dtype=None, precision=None,
+                    linear_fit=None):
+  """Per-episode metrics of sampled and class-mean prototypes (or sampled linear heads).
 
   The episode axis of the inputs may be split over the devices of the data mesh; every
   per-episode quantity is then computed where its episode lives.
 
   Args:
-    model: the TCUNet; variables: its variables; sched: the sampling schedule (possibly
-      respaced, `schedule.for_sampling`).
+    model: the TCUNet; its `head` ("prototype" if it has none) says what the weights are;
+      variables: its variables; sched: the sampling schedule (possibly respaced,
+      `schedule.for_sampling`).
     features_dev: [n, D] the split's features.
     support_idx, support_labels: [B, N*K]; query_idx, query_labels: [B, N*Q] (`Episodes`).
     index: [B] episode indices (w_T of episode i comes from fold_in(key, i)).
     key: the sampling key.
     ways: N.
     dtype, precision: the sampler's computation dtype and matmul precision.
+    linear_fit: (steps, l2) of the linear head's norm-ratio reference (`metric_options`);
+      unused by the prototype head.
 
   Returns:
-    {"accuracy", "prototype_accuracy", "norm_ratio", "support_loss"}: each [B].
+    {"accuracy", "prototype_accuracy", "norm_ratio", "support_loss"}: each [B]. accuracy and
+    support_loss (mean over the support set) are those of the model's head; the norm ratio
+    compares with the class means (prototype head) or the support-set fit (linear head).
   """
+  head = getattr(model, "head", "prototype")
   support, query = features.gather(features_dev, support_idx, query_idx)
-  dim = features_dev.shape[-1]
+  dim = heads.weight_dim(head, features_dev.shape[-1])
   w_T = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), (ways, dim)))(index)
   w0 = diffusion.sample_batch(model, variables, sched, w_T, support, support_labels,
                               dtype=dtype, precision=precision)
   protos = jax.vmap(prototypes.class_means, (0, 0, None))(support, support_labels, ways)
 
-  def accuracy(w):
-    logits = prototypes.cosine_logits(query, w, scale=10.0)
+  def accuracy(w, head):
+    logits = heads.logits(head, w, query)
     return jnp.mean(jnp.argmax(logits, -1) == query_labels, axis=-1)
 
   def mean_norm(w):
     return jnp.mean(jnp.linalg.norm(w, axis=-1), axis=-1)
 
-  loss = jax.vmap(prototypes.support_loss, (0, 0, 0, None))(
-      w0, support, support_labels, "mean")
-  return {"accuracy": accuracy(w0), "prototype_accuracy": accuracy(protos),
-          "norm_ratio": mean_norm(w0) / mean_norm(protos), "support_loss": loss}
+  if head == "prototype":
+    reference = protos
+  else:
+    if linear_fit is None:
+      raise ValueError("the linear head's metrics need linear_fit=(steps, l2), e.g. "
+                       "**metric_options(config)")
+    steps, l2 = linear_fit
+    fit = lambda s, y: heads.fit_linear(s, y, jnp.ones(y.shape, bool), ways, steps, l2)
+    reference = jax.vmap(fit)(support, support_labels)
+  loss = jax.vmap(lambda w, s, y: heads.support_loss(head, w, s, y, "mean"))(
+      w0, support, support_labels)
+  return {"accuracy": accuracy(w0, head), "prototype_accuracy": accuracy(protos, "prototype"),
+          "norm_ratio": mean_norm(w0) / mean_norm(reference), "support_loss": loss}
 
 
 def run_episodes(model, variables, sched, feature_set, sampler: episodes_lib.EpisodeSampler,
                  count: int, batch: int, key, desc: str = "episodes", progress: bool = True,
-                 dtype=None, precision=None) -> dict[str, np.ndarray]:
+                 dtype=None, precision=None, linear_fit=None) -> dict[str, np.ndarray]:
   """Metrics of episodes 0..count-1 of `sampler`, `batch` at a time ([count] arrays).
 
   `feature_set` is a `features.FeatureSet` or its features already on the devices
   (`mesh.replicate`). Each batch is rounded up to a multiple of the device count and split
-  over the data mesh; each process draws only the episodes its devices hold.
+  over the data mesh; each process draws only the episodes its devices hold. `linear_fit`
+  (steps, l2) sets the linear head's norm-ratio reference (`metric_options`); None there
+  takes config_lib's defaults.
   """
+  if getattr(model, "head", "prototype") == "linear":
+    linear_fit = linear_fit or _default_linear_fit()
+  else:
+    linear_fit = None  # unused: one compiled program whatever the caller passes
   if isinstance(feature_set, features.FeatureSet):
     features_dev = mesh.replicate(feature_set.features)
   else:
@@ -105,22 +142,15 @@ def run_episodes(model, variables, sched, feature_set, sampler: episodes_lib.Epi
   batch = mesh.padded_size(min(batch, count))
   out: dict[str, list] = {}
 
-  def episode_rows(start):
-    def rows(a, b):
-      eps = sampler.batch(start + a, b - a)
-      return (eps.support, eps.support_labels, eps.query, eps.query_labels,
-              eps.index.astype(np.int32))
-    return rows
-
   with metrics.Progress(count, desc, unit="episode",
                         enabled=progress and common.is_writer()) as bar:
     for start in range(0, count, batch):
       # A full batch (compiled once), trimmed below.
-      support, support_labels, query, query_labels, index = mesh.shard_rows(
-          batch, episode_rows(start))
+      support, support_labels, query, query_labels, index = common.sharded_episodes(
+          sampler, start, batch)
       m = episode_metrics(model, variables, sched, features_dev, support, support_labels,
                           query, query_labels, index, key, sampler.ways, dtype=dtype,
-                          precision=precision)
+                          precision=precision, linear_fit=linear_fit)
       keep = min(batch, count - start)
       for name, value in m.items():
         out.setdefault(name, []).append(mesh.to_host(value)[:keep])
@@ -138,7 +168,14 @@ def summarize(values: np.ndarray) -> dict[str, float]:
 
 def load_denoiser(config, workdir: str, shots: int, feature_dim: int):
   """(model, trained state, state at initialisation, checkpoint metadata) of the K-shot
-  denoiser kept in train_<K>shot/best, or a StageError naming the stage to run."""
+  denoiser kept in train_<K>shot/best, or a StageError naming the stage to run.
+
+  Without the UNet (config.denoiser.unet = False) the denoiser has no parameters: no
+  checkpoint is read, both states are the empty initial one and the metadata is {}.
+  """
+  if not config.denoiser.unet:
+    model, _, state = train_stage.initial_state(config, feature_dim, shots)
+    return model, state, state, {}
   run_dir = train_stage.run_dir(workdir, shots)
   store = checkpoint.Checkpoints(os.path.join(run_dir, "best"), max_to_keep=1)
   try:
@@ -168,7 +205,7 @@ def evaluate_shot(config, workdir: str, shots: int, test: features.FeatureSet) -
   fingerprint = features.variables_fingerprint(state.ema_params)
   settings = {"ways": e.ways, "shots": shots, "queries": e.queries, "episodes": e.episodes,
               "seed": config.seed, "denoiser": fingerprint, "features": test.key,
-              "sampler": _sampler_settings(config)}
+              "sampler": _sampler_settings(config), "variant": _variant_settings(config)}
   cached = os.path.join(common.stage_dir(workdir, "eval"), f"{shots}shot.json")
   if os.path.exists(cached):
     with open(cached) as f:
@@ -182,9 +219,13 @@ def evaluate_shot(config, workdir: str, shots: int, test: features.FeatureSet) -
   features_dev = mesh.replicate(test.features)
   runs = {}
   for name, params in (("metadiff", state.ema_params), ("untrained", init_state.params)):
+    if name == "untrained" and not jax.tree_util.tree_leaves(params):
+      runs[name] = runs["metadiff"]  # w/o UNet: nothing was trained, the same sampler
+      continue
     runs[name] = run_episodes(model, {"params": params}, sched, features_dev, sampler,
                               e.episodes, e.batch_episodes, key,
-                              desc=f"eval {shots}-shot {name}", **sampler_options(config))
+                              desc=f"eval {shots}-shot {name}", **sampler_options(config),
+                              **metric_options(config))
   result = {
       "settings": settings,
       "checkpoint": {"step": int(state.step), "validation": meta},
@@ -226,6 +267,21 @@ def stage(config, workdir: str) -> dict:
   return summary
 
 
+def _default_linear_fit() -> tuple[int, float]:
+  p = config_lib.base_config().prototypes
+  return int(p.linear_fit_steps), float(p.linear_fit_l2)
+
+
+def _variant_settings(config) -> dict:
+  """The denoiser variant (it keys the cached per-shot results: w/o UNet has no parameters
+  to fingerprint, and the linear head's norm ratio depends on its reference fit)."""
+  d = config.denoiser
+  out = {"head": d.head, "gradient": d.gradient, "unet": bool(d.unet)}
+  if d.head == "linear":
+    out["linear_fit"] = list(metric_options(config)["linear_fit"])
+  return out
+
+
 def _sampler_settings(config) -> dict:
   """What of the sampler can change its results (it keys the cached per-shot results)."""
   d = config.diffusion
@@ -248,9 +304,18 @@ def results_table(config, results: dict) -> str:
     lines.append(f"| {label} | " + " | ".join(cells) + " |")
   n = results[shots[0]]["metadiff"]["n"]
   lines.append("")
+  d = config.denoiser
+  if d.head == "linear":
+    ratio = (" Norm ratio: mean norm of the sampled linear head's rows over that of the linear "
+             "head fit on the support set (far above 1: the sampler diverged).")
+  else:
+    ratio = (" Norm ratio: mean norm of the classifier's prototypes over that of the "
+             "class means (far above 1: the sampler diverged).")
   lines.append(f"{n} test episodes of {config.eval.queries} queries per class; mean ± 1.96·std/√n."
-               " Norm ratio: mean norm of the classifier's prototypes over that of the "
-               "class means (far above 1: the sampler diverged).")
+               + ratio)
+  if (d.head, d.gradient, bool(d.unet)) != ("prototype", "l2", True):
+    unet = "with the UNet" if d.unet else "without the UNet (eps = the gradient)"
+    lines.append(f"Denoiser variant: head {d.head}, gradient {d.gradient}, {unet}.")
   return "\n".join(lines)
 
 

@@ -1,8 +1,11 @@
 """Stage 3: diffusion training of the TCUNet on base-class episodes (Algorithm 1, Eq. 12).
 
 Each step draws `episodes_per_step` N-way K-shot episodes from the base split's feature cache;
-an episode's target w0 is the class means of its classes (the prototypes stage), its support
-set conditions the denoiser, and the loss is Eq. 12 at a random step t with fresh noise.
+an episode's target w0 is the class means of its classes (the prototypes stage), or with the
+linear head (config.denoiser.head = "linear", Table 4) the linear classifier fit on all base
+images of its classes (`LinearFitTargets`); its support set conditions the denoiser, and the
+loss is Eq. 12 at a random step t with fresh noise. The denoiser "w/o UNet"
+(config.denoiser.unet = False) has no parameters: there is nothing to train.
 The optimiser is the original's: Adam with L2 weight decay added to the gradient, and an EMA of
 the parameters (copied outright for the first `ema_start_step` steps) that validation and test
 use. One denoiser is trained per shot setting, in WORKDIR/train_<K>shot.
@@ -20,6 +23,7 @@ episodes with the full sampler; the best are kept in train_<K>shot/best.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -28,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from metadiff_jax import checkpoint, mesh, metrics, schedule, tcunet
+from metadiff_jax import checkpoint, heads, mesh, metrics, schedule, tcunet
 from metadiff_jax.data import episodes as episodes_lib
 from metadiff_jax.errors import ConfigError, TrainingError
 from metadiff_jax.stages import common
@@ -41,37 +45,93 @@ def run_dir(workdir: str, shots: int) -> str:
 
 
 def denoiser(config, feature_dim: int) -> tcunet.TCUNet:
+  """The configured TCUNet variant for features of `feature_dim` = D dimensions.
+
+  Its `feature_dim` is the width of the head's weight rows, `heads.weight_dim(head, D)`.
+  """
   d = config.denoiser
   if d.feature_dim is not None and d.feature_dim != feature_dim:
     raise ConfigError(f"config.denoiser.feature_dim = {d.feature_dim} but the backbone's "
                       f"features have {feature_dim} dimensions; leave it unset (None)")
-  return tcunet.TCUNet(feature_dim=feature_dim, hidden_dims=d.hidden_dims,
-                       time_embed_dim=d.time_embed_dim, loss_reduction=d.loss_reduction)
+  return tcunet.TCUNet(feature_dim=heads.weight_dim(d.head, feature_dim),
+                       hidden_dims=d.hidden_dims, time_embed_dim=d.time_embed_dim,
+                       loss_reduction=d.loss_reduction, head=d.head, gradient=d.gradient,
+                       unet=bool(d.unet))
 
 
 def initial_state(config, feature_dim: int, shots: int):
-  """(model, schedule, state at step 0) of the K-shot denoiser."""
+  """(model, schedule, state at step 0) of the K-shot denoiser (no parameters w/o UNet)."""
   model = denoiser(config, feature_dim)
   ways = config.train.ways
   variables = model.init(common.key(config, "denoiser_init", shots),
-                         jnp.zeros((ways, feature_dim)), 0,
+                         jnp.zeros((ways, model.feature_dim)), 0,
                          jnp.zeros((ways * shots, feature_dim)),
                          jnp.repeat(jnp.arange(ways), shots))
+  params = variables.get("params", {})  # none without the UNet
   t = config.train
-  state = DiffusionState.create(apply_fn=model.apply, params=variables["params"],
+  state = DiffusionState.create(apply_fn=model.apply, params=params,
                                 tx=adam_l2(t.learning_rate, t.weight_decay),
                                 # a copy: train_steps donates the state's buffers
-                                ema_params=jax.tree_util.tree_map(jnp.copy, variables["params"]))
+                                ema_params=jax.tree_util.tree_map(jnp.copy, params))
   return model, schedule.from_config(config), mesh.replicate(state)
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassMeanTargets:
+  """Episode targets w0 for the prototype head: the class means of the episode's classes.
+
+  A target function maps (targets [C, D], features [n, D], table, classes [B, N]) to the
+  episodes' w0 [B, N, W]; frozen dataclasses, so `train_steps` can take one as a static
+  argument.
+  """
+
+  def __call__(self, targets, features_dev, table, classes):
+    del features_dev, table  # the prototypes stage computed the means once
+    return jnp.take(targets, classes, axis=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearFitTargets:
+  """Episode targets w0 for the linear head: Algorithm 1, line 3, with the linear head.
+
+  Per episode, the N-way linear classifier [N, D + 1] fit by cross-entropy on all base images
+  of the episode's classes (`heads.fit_linear`), during training: it depends on the episode's
+  class combination, so it cannot be cached per class like the class means.
+
+  Attributes:
+    steps: the fit's gradient steps (config.prototypes.linear_fit_steps).
+    l2: its weight penalty (config.prototypes.linear_fit_l2).
+  """
+
+  steps: int
+  l2: float
+
+  def __call__(self, targets, features_dev, table, classes):
+    del targets
+    members = jnp.take(table.members, classes, axis=0)  # [B, N, M], padded per class
+    b, n, m = members.shape
+    real = jnp.arange(m) < jnp.take(table.counts, classes, axis=0)[..., None]  # [B, N, M]
+    images = jnp.take(features_dev, members.reshape(b, n * m), axis=0)  # [B, N*M, D]
+    labels = jnp.repeat(jnp.arange(n, dtype=jnp.int32), m)  # class-major, like `members`
+    fit = functools.partial(heads.fit_linear, ways=n, steps=self.steps, l2=self.l2)
+    return jax.vmap(fit, in_axes=(0, None, 0))(images, labels, real.reshape(b, n * m))
+
+
+def target_function(config):
+  """The train stage's target function for config.denoiser.head."""
+  if config.denoiser.head == "linear":
+    p = config.prototypes
+    return LinearFitTargets(int(p.linear_fit_steps), float(p.linear_fit_l2))
+  return ClassMeanTargets()
 
 
 @functools.partial(
     jax.jit, static_argnames=("model", "num_steps", "episodes_per_step", "ways", "shots",
-                              "ema_decay", "ema_start_step"),
+                              "ema_decay", "ema_start_step", "target_fn"),
     donate_argnums=(1,))
 def train_steps(model, state: DiffusionState, sched, features_dev, targets, table, episode_key,
                 key, num_steps: int, episodes_per_step: int, ways: int, shots: int,
-                ema_decay: float, ema_start_step: int):
+                ema_decay: float, ema_start_step: int, target_fn=ClassMeanTargets()):
   """`num_steps` optimiser steps in one `lax.scan`, episodes drawn on the device.
 
   Step s trains on episodes s * B, ..., s * B + B - 1 (`episodes.draw_support` from
@@ -83,12 +143,14 @@ def train_steps(model, state: DiffusionState, sched, features_dev, targets, tabl
     state: the train state (replicated).
     sched: the schedule.
     features_dev: [n, D] base features.
-    targets: [C, D] the base-class targets.
+    targets: [C, D] the base-class targets (class means; unused by `LinearFitTargets`).
     table: the base split's `episodes.ClassTable`.
     episode_key: the key of the training episodes.
     key: the diffusion key; step s draws t and the noise from fold_in(key, s).
     num_steps: steps in this call. episodes_per_step: B. ways: N. shots: K.
     ema_decay, ema_start_step: the EMA's decay and the steps it copies outright.
+    target_fn: the episodes' targets w0 [B, N, W] from (targets, features_dev, table,
+      classes [B, N]): `ClassMeanTargets()` or `LinearFitTargets(steps, l2)`.
 
   Returns:
     (state, losses [num_steps]).
@@ -101,7 +163,7 @@ def train_steps(model, state: DiffusionState, sched, features_dev, targets, tabl
     index = state.step * episodes_per_step + jnp.arange(episodes_per_step)
     idx, classes = mesh.constrain(draw(table, episode_key, index, ways, shots))
     support = jnp.take(features_dev, idx, axis=0)  # [B, N*K, D]
-    w0 = jnp.take(targets, classes, axis=0)  # [B, N, D]
+    w0 = target_fn(targets, features_dev, table, classes)  # [B, N, W]
     return diffusion_step(model, state, sched, w0, support, labels, key, ema_decay,
                           ema_start_step)
 
@@ -120,6 +182,9 @@ def stage(config, workdir: str) -> None:
 def train_shot(config, workdir: str, shots: int, base, targets: np.ndarray, val) -> None:
   """Diffusion training of the K-shot denoiser, resumed from its latest checkpoint."""
   from metadiff_jax.stages import evaluate  # the validation metrics
+  if not config.denoiser.unet:
+    raise ConfigError("config.denoiser.unet = False has no parameters, so there is nothing to "
+                      "train; set config.stages to skip 'train', e.g. ('eval',)")
   t = config.train
   out = run_dir(workdir, shots)
   model, sched, state = initial_state(config, base.features.shape[1], shots)
@@ -127,14 +192,7 @@ def train_shot(config, workdir: str, shots: int, base, targets: np.ndarray, val)
   best = checkpoint.Checkpoints(os.path.join(out, "best"), max_to_keep=1)
   meta = {"best_val_accuracy": -1.0, "best_step": -1}
   try:
-    if latest.latest_step() is not None:
-      try:
-        state, meta = latest.restore(state)
-      except ValueError as e:
-        raise TrainingError(f"the checkpoint in {out}/checkpoints does not fit the config "
-                            f"({str(e).splitlines()[0]}); use the config it was written with "
-                            f"or delete {out}") from None
-      logging.info("train %d-shot: resumed from step %d", shots, int(state.step))
+    state, meta = common.restore_latest(latest, state, meta, out, f"train {shots}-shot")
     step = int(state.step)
     if step >= t.steps and best.latest_step() is not None:
       logging.info("train %d-shot: done (%d steps; best validation accuracy %.4f at step %d);"
@@ -150,7 +208,8 @@ def train_shot(config, workdir: str, shots: int, base, targets: np.ndarray, val)
     key = common.key(config, "diffusion", shots)
     episode_key = common.key(config, "episodes", shots)
     val_sched = schedule.for_sampling(config)
-    sampler_options = evaluate.sampler_options(config)
+    sampler_options = {**evaluate.sampler_options(config), **evaluate.metric_options(config)}
+    target_fn = target_function(config)
     val_key = common.key(config, "sampling", 1)
     b = t.episodes_per_step
     logging.info("train %d-shot: %d steps of %d episodes, %d base classes, D = %d", shots,
@@ -184,7 +243,7 @@ def train_shot(config, workdir: str, shots: int, base, targets: np.ndarray, val)
         count = min(t.steps_per_call, t.steps - step)
         state, losses = train_steps(
             model, state, sched, features_dev, targets_dev, table, episode_key, key, count, b,
-            t.ways, shots, float(t.ema_decay), int(t.ema_start_step))
+            t.ways, shots, float(t.ema_decay), int(t.ema_start_step), target_fn=target_fn)
         losses = np.asarray(losses)
         if not np.all(np.isfinite(losses)):
           bad = step + 1 + int(np.argmin(np.isfinite(losses)))

@@ -1,0 +1,159 @@
+"""The analysis stage (Tables 2-4, Figures 4-5): the one command, its files, and Figure 5.
+
+The command runs on the tiny glyph dataset of the pipeline tests with every loop shrunk
+(T = 10, a few meta-training steps), so that each code path of the real analysis is taken in
+about a minute or two on two CPU cores.
+"""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tiny_pipeline import TINY_OVERRIDES, run_main
+from metadiff_jax import schedule, tcunet
+from metadiff_jax.stages import analysis, evaluate
+
+TINY_ANALYSIS = [
+    "--config.analysis.episodes=16", "--config.analysis.batch_episodes=8",
+    "--config.analysis.inner_steps=2", "--config.analysis.gda_learning_rates=(0.03, 0.3)",
+    "--config.analysis.gda_steps=(1, 5)", "--config.analysis.meta_steps=6",
+    "--config.analysis.meta_episodes_per_step=2", "--config.analysis.queries=3",
+    "--config.analysis.steps_per_call=3", "--config.analysis.log_every_steps=3",
+    "--config.analysis.val_every_steps=3", "--config.analysis.val_episodes=8",
+    "--config.analysis.denoiser_steps=10", "--config.analysis.memory_inner_steps=(2, 4, 8)",
+    "--config.analysis.trajectory_every=2",
+]
+
+FILES = ["table2.md", "table2.json", "table3.md", "table3.json", "table4.md", "table4.json",
+         "fig4_memory.png", "fig4_memory.json", "fig4_memory.md", "fig5_convergence.png",
+         "fig5_convergence.json", "fig5_convergence.md"]
+
+
+@pytest.fixture(scope="module")
+def analysed(data_dir, tmp_path_factory):
+  """A workdir where the whole analysis command has run; (workdir, process)."""
+  workdir = str(tmp_path_factory.mktemp("analysis"))
+  proc = run_main("--config=configs/paper_analysis.py:dataset=glyphs", f"--workdir={workdir}",
+                  f"--config.data.data_dir={data_dir}", *TINY_OVERRIDES, *TINY_ANALYSIS,
+                  timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return workdir, proc
+
+
+def test_the_command_writes_every_table_and_figure(analysed):
+  workdir, proc = analysed
+  out = os.path.join(workdir, "analysis")
+  for name in FILES:
+    assert os.path.getsize(os.path.join(out, name)) > 0, name
+  table2 = json.load(open(os.path.join(out, "table2.json")))
+  rows = table2["rows"]
+  assert set(rows) == {"class_means", "gda", "gda_momentum", "anil", "metalstm", "alfa",
+                       "metadiff"}
+  for row, by_shot in rows.items():
+    r = by_shot["1"]
+    assert 0.0 <= r["mean"] <= 1.0 and r["n"] == 16, (row, r)
+  # GDA's tuning is recorded, over the whole grid.
+  assert len(rows["gda"]["1"]["tuning"]["grid"]) == 4
+  assert rows["gda"]["1"]["tuning"]["best"]["learning_rate"] in (0.03, 0.3)
+  table4 = json.load(open(os.path.join(out, "table4.json")))["rows"]
+  assert table4["linear_metadiff"]["1"]["settings"]["head"] == "linear"
+  table3 = json.load(open(os.path.join(out, "table3.json")))["rows"]
+  assert table3["cosine_ce"]["1"]["settings"]["gradient"] == "cosine_ce"
+  assert table3["no_unet"]["1"]["settings"]["unet"] is False
+  # The tables are printed and written as Markdown with the paper's figures beside ours.
+  text = open(os.path.join(out, "table2.md")).read()
+  assert "(vi) MetaDiff" in text and "64.99 ± 0.77%" in text
+  assert "| (vi) MetaDiff |" in proc.stdout
+
+
+def test_metadiff_rows_equal_the_eval_stage(analysed, data_dir):
+  """MetaDiff's row is the eval stage's number: same denoiser, episodes and sampling key."""
+  workdir, _ = analysed
+  proc = run_main("--config=configs/paper_analysis.py:dataset=glyphs", f"--workdir={workdir}",
+                  f"--config.data.data_dir={data_dir}", *TINY_OVERRIDES, *TINY_ANALYSIS,
+                  "--config.stages=('eval',)", "--config.eval.episodes=16")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  evaluated = json.load(open(os.path.join(workdir, "eval", "1shot.json")))["metadiff"]
+  table2 = json.load(open(os.path.join(workdir, "analysis", "table2.json")))["rows"]
+  assert table2["metadiff"]["1"]["mean"] == pytest.approx(evaluated["mean"], abs=1e-9)
+
+
+def test_figure4_unrolled_memory_grows_and_metadiff_stays_flat(analysed):
+  workdir, _ = analysed
+  memory = json.load(open(os.path.join(workdir, "analysis", "fig4_memory.json")))
+  assert memory["inner_steps"] == [2, 4, 8]
+  for name in ("anil", "metalstm", "alfa"):
+    mib = memory["mib"][name]
+    assert mib[0] < mib[1] < mib[2], (name, mib)
+  assert len(set(memory["mib"]["metadiff"])) == 1
+
+
+def test_figure5_curve_ends_at_the_metadiff_row(analysed):
+  workdir, _ = analysed
+  curves = json.load(open(os.path.join(workdir, "analysis", "fig5_convergence.json")))["curves"]
+  curve = curves["1"]
+  assert curve["steps"] == list(range(0, 11, 2))  # T = 10, every 2 steps
+  table2 = json.load(open(os.path.join(workdir, "analysis", "table2.json")))["rows"]
+  assert curve["accuracy"][-1] == pytest.approx(table2["metadiff"]["1"]["mean"], abs=1e-9)
+
+
+def test_a_second_run_reuses_every_result(analysed, data_dir):
+  workdir, _ = analysed
+  before = {n: open(os.path.join(workdir, "analysis", n)).read()
+            for n in FILES if n.endswith(".json")}
+  proc = run_main("--config=configs/paper_analysis.py:dataset=glyphs", f"--workdir={workdir}",
+                  f"--config.data.data_dir={data_dir}", *TINY_OVERRIDES, *TINY_ANALYSIS)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "meta-train" not in proc.stderr  # nothing trained again
+  for name, text in before.items():
+    if name != "fig4_memory.json":  # compiled again (cheap), same numbers expected
+      assert open(os.path.join(workdir, "analysis", name)).read() == text, name
+
+
+def test_unknown_analysis_part_is_one_line(data_dir, tmp_path):
+  proc = run_main("--config=configs/paper_analysis.py:dataset=glyphs",
+                  f"--workdir={tmp_path}", f"--config.data.data_dir={data_dir}",
+                  *TINY_OVERRIDES, "--config.analysis.parts=('table9',)")
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines()[-1].startswith("error: config.analysis.parts")
+
+
+def test_unknown_dataset_preset_is_one_line(tmp_path):
+  proc = run_main("--config=configs/paper_analysis.py:dataset=imagenet21k",
+                  f"--workdir={tmp_path}")
+  assert proc.returncode == 2
+  assert "unknown dataset preset 'imagenet21k'" in proc.stderr
+
+
+def test_trajectory_last_point_is_the_sampler_output():
+  """Figure 5's last point: the same weights and accuracies as the eval stage's sampler."""
+  dim, ways, shots, queries, episodes = 8, 3, 2, 4, 5
+  model = tcunet.TCUNet(feature_dim=dim, hidden_dims=(6, 4), time_embed_dim=8)
+  variables = model.init(jax.random.key(0), jnp.zeros((ways, dim)), 0,
+                         jnp.zeros((ways * shots, dim)), jnp.repeat(jnp.arange(ways), shots))
+  sched = schedule.linear(num_steps=12)
+  rng = np.random.default_rng(0)
+  features = jnp.asarray(rng.normal(size=(60, dim)), jnp.float32)
+  support_idx = jnp.asarray(rng.integers(0, 60, (episodes, ways * shots)), jnp.int32)
+  query_idx = jnp.asarray(rng.integers(0, 60, (episodes, ways * queries)), jnp.int32)
+  support_labels = jnp.tile(jnp.repeat(jnp.arange(ways, dtype=jnp.int32), shots),
+                            (episodes, 1))
+  query_labels = jnp.asarray(rng.integers(0, ways, (episodes, ways * queries)), jnp.int32)
+  index = jnp.arange(episodes, dtype=jnp.int32)
+  key = jax.random.key(3)
+  acc, loss, w0 = analysis.trajectory_metrics(model, variables, sched, features, support_idx,
+                                              support_labels, query_idx, query_labels, index,
+                                              key, ways=ways, every=3)
+  assert acc.shape == loss.shape == (episodes, 5)
+  m = evaluate.episode_metrics(model, variables, sched, features, support_idx, support_labels,
+                               query_idx, query_labels, index, key, ways)
+  np.testing.assert_array_equal(np.asarray(acc[:, -1]), np.asarray(m["accuracy"]))
+  np.testing.assert_allclose(np.asarray(loss[:, -1]), np.asarray(m["support_loss"]),
+                             rtol=1e-5)
+  # Point 0 is w_T itself: the Gaussian start's accuracy, not the sampler's.
+  assert np.all(np.isfinite(np.asarray(loss)))
+  assert w0.shape == (episodes, ways, dim)
