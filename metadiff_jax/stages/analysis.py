@@ -32,6 +32,7 @@ key, so they equal the eval stage's numbers.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -120,7 +121,7 @@ def stage(config, workdir: str) -> dict:
     plot_convergence(curves, os.path.join(out, "fig5_convergence.png"),
                      f"{config.data.name}, {config.eval.ways}-way, test episodes")
   if "fig4" in parts:
-    memory = memory_curves(config, data, out)
+    memory = memory_curves(config, data)
     if common.is_writer():
       common.write_json(os.path.join(out, "fig4_memory.json"), {**summary, **memory})
       _write_text(os.path.join(out, "fig4_memory.md"), memory_markdown(memory))
@@ -179,8 +180,8 @@ def analyse_shot(config, root: str, shots: int, data: _Data, parts: set) -> dict
     return result
 
   if "class_means" in wanted:
-    results["class_means"] = cached("class_means", {}, lambda: _summary(_prototype_accuracy(
-        data.test_dev, test_sampler, count, a.batch_episodes)))
+    results["class_means"] = cached("class_means", {}, lambda: evaluate.summarize(
+        _prototype_accuracy(data.test_dev, test_sampler, count, a.batch_episodes)))
   for row in ("gda", "gda_momentum"):
     if row in wanted:
       results[row] = cached(row, {"grid": _gda_grid(a), "momentum": _momentum(a, row),
@@ -189,7 +190,7 @@ def analyse_shot(config, root: str, shots: int, data: _Data, parts: set) -> dict
                                               test_sampler, count, test_key))
   for row in ("anil", "metalstm", "alfa", "linear_alfa"):
     if row in wanted:
-      method = make_method(config, row, data.dim, shots)
+      method = make_method(config, row, data.dim)
       results[row] = _unrolled_row(config, root, row, method, shots, data, val_sampler,
                                    test_sampler, count, test_key, cached)
   for row in ("metadiff", "cosine_ce", "no_unet", "linear_metadiff"):
@@ -211,21 +212,16 @@ def _gda_grid(a) -> dict:
           "steps": tuple(int(x) for x in a.gda_steps)}
 
 
-def make_method(config, row: str, feature_dim: int, shots: int):
+def make_method(config, row: str, feature_dim: int):
   """The `metaopt` method of a table row, with the analysis section's settings."""
-  del shots  # one method per shot setting, but its fields do not depend on K
   a = config.analysis
   head = "linear" if row.startswith("linear_") else "prototype"
   name = row.replace("linear_", "")
   fields = {"head": head, "ways": config.eval.ways, "feature_dim": feature_dim,
             "steps": int(a.inner_steps)}
-  if name in ("alfa",):
+  if name == "alfa":  # its random start is GDA's (ANIL and MetaLSTM learn theirs)
     fields["init_std"] = float(a.init_std)
   return metaopt.make(name, **fields)
-
-
-def _summary(acc: np.ndarray) -> dict:
-  return evaluate.summarize(acc)
 
 
 def _prototype_accuracy(features_dev, sampler, count: int, batch: int) -> np.ndarray:
@@ -249,7 +245,7 @@ def _gda_row(config, data, row, shots, val_sampler, test_sampler, count, key) ->
                                       a.val_episodes, a.batch_episodes, val_key)
   acc = baselines.run_episodes(method, {}, data.test_dev, test_sampler, count,
                                a.batch_episodes, key, desc=f"test {shots}-shot {row}")
-  return {**_summary(acc), "tuning": tuning}
+  return {**evaluate.summarize(acc), "tuning": tuning}
 
 
 def _unrolled_row(config, root, row, method, shots, data, val_sampler, test_sampler, count,
@@ -262,7 +258,7 @@ def _unrolled_row(config, root, row, method, shots, data, val_sampler, test_samp
           "episodes": common.key(config, "episodes", shots),  # MetaDiff's training episodes
           "train": common.key(config, "analysis", tag, shots, 1),
           "val": common.key(config, "sampling", 1)}
-  settings = {"method": _fields(method), "meta_steps": a.meta_steps,
+  settings = {"method": dataclasses.asdict(method), "meta_steps": a.meta_steps,
               "meta_episodes_per_step": a.meta_episodes_per_step,
               "meta_learning_rate": a.meta_learning_rate, "queries": a.queries,
               "val_episodes": a.val_episodes, "val_every_steps": a.val_every_steps}
@@ -273,17 +269,14 @@ def _unrolled_row(config, root, row, method, shots, data, val_sampler, test_samp
                                           f"{shots}-shot {row}")
     acc = baselines.run_episodes(method, params, data.test_dev, test_sampler, count,
                                  a.batch_episodes, key, desc=f"test {shots}-shot {row}")
+    # Its meta-parameters before meta-training, as `train_method` starts from them.
     untrained = baselines.run_episodes(
-        method, metaopt.create_state(method, keys["init"], 1.0).params, data.test_dev,
-        test_sampler, count, a.batch_episodes, key, desc=f"test {shots}-shot {row} untrained")
-    return {**_summary(acc), "untrained": _summary(untrained), "training": meta}
+        method, method.init(keys["init"]), data.test_dev, test_sampler, count,
+        a.batch_episodes, key, desc=f"test {shots}-shot {row} untrained")
+    return {**evaluate.summarize(acc), "untrained": evaluate.summarize(untrained),
+            "training": meta}
 
   return cached(row, settings, compute)
-
-
-def _fields(method) -> dict:
-  import dataclasses  # pylint: disable=g-import-not-at-top
-  return {k: v for k, v in dataclasses.asdict(method).items()}
 
 
 def variant_config(config, row: str):
@@ -326,7 +319,7 @@ def _metadiff_row(config, root, row, shots, data, sampler, count, key, cached) -
                               desc=f"test {shots}-shot {row}",
                               **evaluate.sampler_options(variant),
                               **evaluate.metric_options(variant))
-    return {**_summary(m["accuracy"]), "norm_ratio": float(np.mean(m["norm_ratio"])),
+    return {**evaluate.summarize(m["accuracy"]), "norm_ratio": float(np.mean(m["norm_ratio"])),
             "support_loss": float(np.mean(m["support_loss"]))}
 
   return cached(row, settings, compute)
@@ -459,7 +452,7 @@ def diffusion_step_memory(model, sched, episodes: int, ways: int, shots: int,
   return metaopt.compiled_bytes(compiled)
 
 
-def memory_curves(config, data: _Data, out: str) -> dict:
+def memory_curves(config, data: _Data) -> dict:
   """Figure 4: MiB of one meta-training step against inner steps, 1-shot episodes."""
   a = config.analysis
   episodes, ways, shots = int(a.meta_episodes_per_step), config.eval.ways, 1
@@ -477,7 +470,6 @@ def memory_curves(config, data: _Data, out: str) -> dict:
   metadiff = diffusion_step_memory(model, sched, int(config.train.episodes_per_step), ways,
                                    shots, model.feature_dim, data.dim) / 2**20
   curves["metadiff"] = [metadiff] * len(a.memory_inner_steps)
-  del out
   return {"inner_steps": [int(s) for s in a.memory_inner_steps], "mib": curves,
           "episodes_per_step": {"unrolled": episodes,
                                 "metadiff": int(config.train.episodes_per_step)},
