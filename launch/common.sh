@@ -5,6 +5,13 @@
 usage() { sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'; }
 die() { echo "error: $*" >&2; exit 2; }
 
+# Sets the variable a long option names to a value: set_option --data-dir DIR sets DATA_DIR.
+set_option() {
+  local var
+  var="$(printf '%s' "${1#--}" | tr 'a-z-' 'A-Z_')"
+  printf -v "$var" '%s' "$2"
+}
+
 # Prints its arguments as one shell-quoted command line (quotes only where needed; a
 # --flag=value keeps the flag outside the quotes).
 quote() {

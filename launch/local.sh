@@ -58,19 +58,10 @@ while [[ $# -gt 0 ]]; do
     --) shift; EXTRA=("$@"); break ;;
     -n|--num-processes|--port|--config|--workdir|--devices-per-process)
       [[ $# -ge 2 ]] || die "option $1 needs a value (see --help)"
-      case "$1" in
-        -n|--num-processes) NUM_PROCESSES="$2" ;;
-        --port) PORT="$2" ;;
-        --config) CONFIG="$2" ;;
-        --workdir) WORKDIR="$2" ;;
-        --devices-per-process) DEVICES_PER_PROCESS="$2" ;;
-      esac
+      set_option "${1/#-n/--num-processes}" "$2"
       shift ;;
-    --num-processes=*) NUM_PROCESSES="${1#*=}" ;;
-    --port=*) PORT="${1#*=}" ;;
-    --config=*) CONFIG="${1#*=}" ;;
-    --workdir=*) WORKDIR="${1#*=}" ;;
-    --devices-per-process=*) DEVICES_PER_PROCESS="${1#*=}" ;;
+    --num-processes=*|--port=*|--config=*|--workdir=*|--devices-per-process=*)
+      set_option "${1%%=*}" "${1#*=}" ;;
     *) die "unknown option '$1' (see --help; arguments for main go after --)" ;;
   esac
   shift

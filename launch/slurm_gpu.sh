@@ -75,13 +75,10 @@ while [[ $# -gt 0 ]]; do
     --) shift; EXTRA=("$@"); break ;;
     --nodes|--gpus-per-node|--partition|--account|--time|--job-name|--config|--workdir|--data-dir|--venv)
       [[ $# -ge 2 ]] || die "option $1 needs a value (see --help)"
-      var="$(printf '%s' "${1#--}" | tr 'a-z-' 'A-Z_')"
-      printf -v "$var" '%s' "$2"
+      set_option "$1" "$2"
       shift ;;
     --nodes=*|--gpus-per-node=*|--partition=*|--account=*|--time=*|--job-name=*|--config=*|--workdir=*|--data-dir=*|--venv=*)
-      opt="${1%%=*}"
-      var="$(printf '%s' "${opt#--}" | tr 'a-z-' 'A-Z_')"
-      printf -v "$var" '%s' "${1#*=}" ;;
+      set_option "${1%%=*}" "${1#*=}" ;;
     *) die "unknown option '$1' (see --help; arguments for main go after --)" ;;
   esac
   shift

@@ -98,13 +98,10 @@ while [[ $# -gt 0 ]]; do
     --) shift; EXTRA=("$@"); break ;;
     --name|--zone|--type|--runtime|--project|--bucket|--config|--workdir|--data-dir|--repo|--ref)
       [[ $# -ge 2 ]] || die "option $1 needs a value (see --help)"
-      var="$(printf '%s' "${1#--}" | tr 'a-z-' 'A-Z_')"
-      printf -v "$var" '%s' "$2"
+      set_option "$1" "$2"
       shift ;;
     --name=*|--zone=*|--type=*|--runtime=*|--project=*|--bucket=*|--config=*|--workdir=*|--data-dir=*|--repo=*|--ref=*)
-      opt="${1%%=*}"
-      var="$(printf '%s' "${opt#--}" | tr 'a-z-' 'A-Z_')"
-      printf -v "$var" '%s' "${1#*=}" ;;
+      set_option "${1%%=*}" "${1#*=}" ;;
     *) die "unknown option '$1' (see --help; arguments for main go after --)" ;;
   esac
   shift
