@@ -55,7 +55,8 @@ def load_config(path: str, arg: str | None, overrides=()):
   return config
 
 
-def trajectory_accuracy(model, variables, sched, features_dev, eps, key, ways, every):
+def trajectory_accuracy(model, variables, sched, features_dev, eps, key, ways, every,
+                        update="original"):
   """[T // every + 1] mean accuracy of the prototypes after 0, every, 2 every, ... steps."""
 
   @jax.jit
@@ -64,8 +65,9 @@ def trajectory_accuracy(model, variables, sched, features_dev, eps, key, ways, e
     query = jnp.take(features_dev, query_idx, axis=0)
     dim = features_dev.shape[-1]
     w_T = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), (ways, dim)))(index)
-    _, trajectory = diffusion.sample_batch(model, variables, sched, w_T, support,
-                                           support_labels, trajectory_every=every)
+    _, trajectory = diffusion.sample_batch(
+        model, variables, sched, w_T, support, support_labels, trajectory_every=every,
+        sampler=update, noise_keys=evaluate.episode_noise_keys(key, index))
     logits = prototypes.cosine_logits(query[:, None], trajectory, scale=10.0)  # [B, J, Q, N]
     return jnp.mean(jnp.argmax(logits, -1) == query_labels[:, None], axis=(0, 2))
 
@@ -90,7 +92,8 @@ def main():
   args = parser.parse_args()
 
   config = load_config(args.config, args.config_arg, args.override)
-  test = common.split_features(config, args.workdir, "test", progress=False)
+  test = common.diffusion_features(
+      config, common.split_features(config, args.workdir, "test", progress=False))
   model, state, _, meta = evaluate.load_denoiser(config, args.workdir, args.shots,
                                                  test.features.shape[1])
   variables = {"params": state.ema_params}
@@ -105,7 +108,8 @@ def main():
   for k in [int(x) for x in args.steps.split(",") if int(x) <= full.num_steps]:
     sched = schedule.respace(full, k)
     run = lambda: evaluate.run_episodes(model, variables, sched, features_dev, sampler,
-                                        args.episodes, args.batch_episodes, key, progress=False)
+                                        args.episodes, args.batch_episodes, key, progress=False,
+                                        **evaluate.sampler_options(config))
     run()  # compiles
     start = time.perf_counter()
     m = run()
@@ -119,7 +123,8 @@ def main():
           flush=True)
 
   eps = sampler.batch(0, args.episodes)
-  traj = trajectory_accuracy(model, variables, full, features_dev, eps, key, e.ways, args.every)
+  traj = trajectory_accuracy(model, variables, full, features_dev, eps, key, e.ways, args.every,
+                             config.diffusion.sampler)
   trajectory = [{"steps_taken": j * args.every, "accuracy": float(a)} for j, a in
                 enumerate(traj)]
   print("trajectory:", " ".join(f"{t['steps_taken']}:{100 * t['accuracy']:.1f}"

@@ -3,19 +3,24 @@
     python -m metadiff_jax.data build glyphs
     python -m metadiff_jax.main --config configs/glyphs_conv4.py --workdir runs/glyphs_conv4
 
-Sized for the README's demo (under 10 minutes on a 2-core CPU, install included). Measured on
-a 2-core Xeon VM, CPU only: 3 min 50 s for the four stages (pretrain 102 s, prototypes 4 s,
-train 90 s, eval 33 s). It printed, on 600 test episodes (mean +- 95% CI):
+Sized for the README's demo (under 10 minutes on a 2-core CPU, install included). It runs
+the recommended variant, `weights_normalized_shot_mean` (docs/STABILITY.md); `:variant=faithful`
+runs the paper's method as published. Measured on a 2-core Xeon VM, CPU only: the four
+stages took 3 min 50 s with the faithful variant (pretrain 102 s, prototypes 4 s, train 90 s,
+eval 33 s). With the recommended variant it printed, on 600 test episodes (mean +- 95% CI):
 
     method                          5-way 1-shot     5-way 5-shot
-    MetaDiff (trained TCUNet, EMA)  97.54 +- 0.34%   99.82 +- 0.06%
+    MetaDiff (trained TCUNet, EMA)  98.48 +- 0.24%   99.82 +- 0.06%
     same sampler, untrained TCUNet  98.30 +- 0.26%   99.81 +- 0.06%
     class-mean prototypes           98.29 +- 0.26%   99.81 +- 0.06%
 
-MetaDiff's validation was best after 500 of the 5,000 steps in both settings; later the
-sampler diverged (docs/RESULTS.md has the curves and what they mean).
+1-shot validation was best at the last of the 5,000 steps, 5-shot from step 500 on (level
+with class means); the norm ratio stayed between 0.88 and 1.03 throughout. With
+`:variant=faithful` MetaDiff gave 97.54 +- 0.34% / 99.82 +- 0.06%, best at step 500 in both
+settings, its sampler diverging later (docs/RESULTS.md).
 
-Presets: `:shot=1` or `:shot=5` trains and evaluates one shot setting only.
+Presets: `:shot=1` or `:shot=5` trains and evaluates one shot setting only; `:variant=NAME`
+runs another variant (`config_lib.VARIANTS`).
 """
 
 from metadiff_jax import config_lib

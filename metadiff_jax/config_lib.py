@@ -15,17 +15,72 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
-from metadiff_jax import heads, tcunet
+from metadiff_jax import diffusion, heads, tcunet
 from metadiff_jax.data import augment
 from metadiff_jax.errors import ConfigError
 
 # The pipeline's stages, in the order they run by default; "analysis" (the paper's analyses,
-# `stages.analysis`) runs only where config.stages names it.
+# `stages.analysis`) and "stability" (the stability study, `stages.stability`) run only where
+# config.stages names them.
 STAGES = ("pretrain", "prototypes", "train", "eval")
-OPTIONAL_STAGES = ("analysis",)
+OPTIONAL_STAGES = ("analysis", "stability")
 ANALYSIS_PARTS = ("table2", "table3", "table4", "fig4", "fig5")
 DTYPES = ("float32", "bfloat16")
 PRECISIONS = ("default", "high", "highest")
+
+# The original method's settings of the fields the stabilised variants change
+# (docs/STABILITY.md): the TCUNet reads the support-loss gradient alone and predicts the noise
+# (Eq. 12), the sampler is the original's deterministic update (Eq. 8), and the features are
+# diffused as the backbone gives them.
+ORIGINAL = {"denoiser.inputs": ("gradient",), "denoiser.prediction": "eps",
+            "denoiser.loss_reduction": "sum", "diffusion.sampler": "original",
+            "diffusion.feature_rms": None}
+# Named variants, each the original with a few of those fields changed; `variant=NAME` after
+# a config file's colon applies one. "faithful" is the original method.
+VARIANTS = {
+    "faithful": {},
+    "ddpm": {"diffusion.sampler": "ddpm"},
+    "ddim": {"diffusion.sampler": "ddim"},
+    "weights": {"denoiser.inputs": ("gradient", "weights")},
+    "means": {"denoiser.inputs": ("gradient", "means")},
+    "weights_means": {"denoiser.inputs": ("gradient", "weights", "means")},
+    "normalized": {"diffusion.feature_rms": 1.0},
+    "mean_gradient": {"denoiser.loss_reduction": "mean"},
+    "weights_normalized": {"denoiser.inputs": ("gradient", "weights"),
+                           "diffusion.feature_rms": 1.0},
+    "weights_normalized_mean": {"denoiser.inputs": ("gradient", "weights"),
+                                "diffusion.feature_rms": 1.0,
+                                "denoiser.loss_reduction": "mean"},
+    "weights_normalized_shot_mean": {"denoiser.inputs": ("gradient", "weights"),
+                                     "diffusion.feature_rms": 1.0,
+                                     "denoiser.loss_reduction": "shot_mean"},
+    "x0": {"denoiser.prediction": "x0"},
+    "x0_weights": {"denoiser.prediction": "x0", "denoiser.inputs": ("gradient", "weights")},
+}
+# The variant every config starts from (docs/STABILITY.md says why).
+RECOMMENDED = "weights_normalized_shot_mean"
+
+
+def apply_variant(config, name: str) -> None:
+  """Sets the fields of `ORIGINAL` to those of the named variant (`VARIANTS`)."""
+  if name not in VARIANTS:
+    raise ConfigError(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
+  for field, value in {**ORIGINAL, **VARIANTS[name]}.items():
+    section, key = field.split(".")
+    config[section][key] = value
+
+
+def variant_of(config) -> str | None:
+  """The name of the variant `config` is, or None if its fields match none."""
+  current = {f: _plain(config[f.split(".")[0]][f.split(".")[1]]) for f in ORIGINAL}
+  for name, fields in VARIANTS.items():
+    if current == {f: _plain(v) for f, v in {**ORIGINAL, **fields}.items()}:
+      return name
+  return None
+
+
+def _plain(value):
+  return tuple(value) if isinstance(value, (list, tuple)) else value
 
 
 def base_config(dataset: str = "glyphs", backbone: str = "conv4") -> ml_collections.ConfigDict:
@@ -115,6 +170,13 @@ def base_config(dataset: str = "glyphs", backbone: str = "conv4") -> ml_collecti
   config.diffusion.num_sampling_steps = config_dict.placeholder(int)
   config.diffusion.sampler_dtype = "float32"
   config.diffusion.sampler_precision = "default"
+  # The reverse update (docs/STABILITY.md): "original" (Eq. 8 as the original code runs it,
+  # no noise), "ddpm" (the same plus sigma_t z, sigma_t^2 = beta_t) or "ddim" (eta = 0).
+  config.diffusion.sampler = "original"
+  # None: diffuse the features as the backbone gives them. r > 0: rescale every feature
+  # vector (support, query and base images, so the class-mean targets too) to root-mean-square
+  # coordinate r, norm r sqrt(D), before diffusion and classification.
+  config.diffusion.feature_rms = config_dict.placeholder(float)
 
   # Section 4.3: the TCUNet. feature_dim None: the backbone's D; hidden_dims None: (W/2, W/4)
   # for weight rows of width W (D, or D + 1 for the linear head).
@@ -133,6 +195,11 @@ def base_config(dataset: str = "glyphs", backbone: str = "conv4") -> ml_collecti
   config.denoiser.head = "prototype"
   config.denoiser.gradient = "l2"
   config.denoiser.unet = True
+  # Stabilised variants (docs/STABILITY.md). inputs: what the TCUNet's first block reads,
+  # ("gradient",) in the original, with "weights" (w_t) and/or "means" (the support class
+  # means) added. prediction: "eps" (Eq. 12) or "x0" (the network outputs w_0).
+  config.denoiser.inputs = ("gradient",)
+  config.denoiser.prediction = "eps"
 
   # Diffusion training (Algorithm 1, Eq. 12), one denoiser per shot setting; defaults are the
   # original's: Adam 1e-4 with PyTorch-style L2 5e-4, 8 episodes a step, EMA 0.9999 copied
@@ -163,6 +230,11 @@ def base_config(dataset: str = "glyphs", backbone: str = "conv4") -> ml_collecti
   config.eval.queries = 15
   config.eval.episodes = 600
   config.eval.batch_episodes = 100  # episodes per compiled sampler call
+  # Divergence diagnostic (prototype head): the held-out noise error of the trained and the
+  # untrained denoiser in each of diagnostic_buckets ranges of steps, on the first
+  # diagnostic_episodes test episodes (0: skip it).
+  config.eval.diagnostic_episodes = 200
+  config.eval.diagnostic_buckets = 10
 
   # The paper's analyses (the optional "analysis" stage, configs/paper_analysis.py): Tables
   # 2-4 and Figures 4-5 on the eval stage's test episodes (eval.ways, eval.queries).
@@ -198,6 +270,26 @@ def base_config(dataset: str = "glyphs", backbone: str = "conv4") -> ml_collecti
   config.analysis.memory_inner_steps = (5, 10, 20, 40, 80)
   # Figure 5: reverse steps between the points of the convergence curve.
   config.analysis.trajectory_every = 10
+
+  # The stability study (the optional "stability" stage, configs/stability.py): each variant
+  # (`VARIANTS`) trained on the pipeline's features for `steps` steps (None: train.steps) and
+  # measured on the eval stage's test episodes; the lr_variants also at learning_rates.
+  config.stability = ml_collections.ConfigDict()
+  config.stability.variants = ("faithful", "ddpm", "ddim", "weights", "means", "normalized",
+                               "mean_gradient", "x0", "x0_weights", "weights_normalized",
+                               "weights_normalized_mean", "weights_normalized_shot_mean")
+  config.stability.shots = config_dict.placeholder(tuple)  # None: the eval stage's shots
+  config.stability.episodes = config_dict.placeholder(int)  # None: eval.episodes
+  config.stability.steps = config_dict.placeholder(int)
+  config.stability.learning_rates = (1e-3,)
+  config.stability.lr_variants = ("faithful", "weights_normalized",
+                                  "weights_normalized_shot_mean")
+  # Diagnostics of each row's last checkpoint: reverse steps between trajectory points, and
+  # the episodes and step ranges of the held-out noise error.
+  config.stability.trajectory_every = 10
+  config.stability.diagnostic_episodes = 200
+  config.stability.diagnostic_buckets = 10
+  apply_variant(config, RECOMMENDED)
   return config
 
 
@@ -208,7 +300,11 @@ def _shot(config, value):
   config.eval.shots = shots
 
 
-PRESETS = {"shot": _shot}
+def _variant(config, value):
+  apply_variant(config, str(value))
+
+
+PRESETS = {"shot": _shot, "variant": _variant}
 
 
 def parse_arg(arg: str | None) -> dict[str, str]:
@@ -255,6 +351,8 @@ def check(config) -> None:
                               ("train", "steps", 0), ("train", "episodes_per_step", 1),
                               ("train", "steps_per_call", 1), ("train", "ways", 2),
                               ("eval", "episodes", 1), ("eval", "batch_episodes", 1),
+                              ("eval", "diagnostic_episodes", 0),
+                              ("eval", "diagnostic_buckets", 1),
                               ("eval", "ways", 2), ("eval", "queries", 1),
                               ("diffusion", "num_steps", 1)):
     value = config[section][field]
@@ -285,6 +383,38 @@ def check(config) -> None:
     raise ConfigError(f"config.train.ema_decay must be in [0, 1), got {config.train.ema_decay}")
   if "analysis" in stages_of(config):
     _check_analysis(config)
+  if "stability" in stages_of(config):
+    _check_stability(config)
+
+
+def _check_stability(config) -> None:
+  """The stability section's values (checked only where the stability stage runs)."""
+  s = config.stability
+  for field in ("variants", "lr_variants"):
+    unknown = [v for v in s[field] if v not in VARIANTS]
+    if unknown or (field == "variants" and not s[field]):
+      raise ConfigError(f"config.stability.{field} must name some of {', '.join(VARIANTS)}, "
+                        f"got {tuple(s[field])!r}")
+  for field, low in (("trajectory_every", 1), ("diagnostic_episodes", 0),
+                     ("diagnostic_buckets", 1)):
+    if int(s[field]) != s[field] or s[field] < low:
+      raise ConfigError(f"config.stability.{field} must be an integer >= {low}, got "
+                        f"{s[field]!r}")
+  for field in ("episodes", "steps"):
+    if s[field] is not None and (int(s[field]) != s[field] or s[field] < 1):
+      raise ConfigError(f"config.stability.{field} must be a positive integer or None, got "
+                        f"{s[field]!r}")
+  if any(not r > 0 for r in s.learning_rates):
+    raise ConfigError(f"config.stability.learning_rates must be positive, got "
+                      f"{tuple(s.learning_rates)!r}")
+  if s.shots is not None and (not s.shots or any(int(k) != k or k < 1 for k in s.shots)):
+    raise ConfigError(f"config.stability.shots must be a tuple of positive ints like (1, 5), "
+                      f"got {s.shots!r}")
+  if config.denoiser.head != "prototype" or config.denoiser.gradient != "l2" or \
+      not config.denoiser.unet:
+    raise ConfigError("the stability study compares variants of the paper's prototype "
+                      "denoiser: keep config.denoiser.head = 'prototype', gradient = 'l2', "
+                      "unet = True")
 
 
 def _check_analysis(config) -> None:
@@ -333,6 +463,25 @@ def _check_denoiser_variant(config) -> None:
                       "the linear head is fed its own cross-entropy gradient: set it to 'l2'")
   if not isinstance(d.unet, bool):
     raise ConfigError(f"config.denoiser.unet must be True or False, got {d.unet!r}")
+  try:
+    tcunet.check_variant(d.head, d.gradient, tuple(d.inputs), d.prediction)
+  except ValueError as e:
+    raise ConfigError(f"config.denoiser: {e}") from None
+  if not d.unet and d.prediction != "eps":
+    raise ConfigError("config.denoiser.unet = False makes eps the gradient, a noise estimate: "
+                      "set config.denoiser.prediction = 'eps'")
+  diff = config.diffusion
+  if diff.sampler not in diffusion.SAMPLERS:
+    raise ConfigError(f"config.diffusion.sampler must be one of "
+                      f"{', '.join(diffusion.SAMPLERS)}, got {diff.sampler!r}")
+  if diff.feature_rms is not None:
+    if not diff.feature_rms > 0:
+      raise ConfigError(f"config.diffusion.feature_rms must be > 0 or None, got "
+                        f"{diff.feature_rms!r}")
+    if p.augmented_passes:
+      raise ConfigError("config.diffusion.feature_rms rescales the cached clean features, so "
+                        "the targets are their class means: set "
+                        "config.prototypes.augmented_passes = 0")
   if not d.unet and "train" in stages_of(config):
     raise ConfigError("config.denoiser.unet = False has no parameters, so there is nothing to "
                       "train; drop 'train' from config.stages, e.g. "
@@ -353,6 +502,7 @@ def _check_device_split(config) -> None:
   for stage, field in (("pretrain", "pretrain.batch_size"),
                        ("train", "train.episodes_per_step"),
                        ("analysis", "train.episodes_per_step"),
+                       ("stability", "train.episodes_per_step"),
                        ("analysis", "analysis.meta_episodes_per_step")):
     section, name = field.split(".")
     value = config[section][name]
@@ -360,6 +510,22 @@ def _check_device_split(config) -> None:
     if stage in stages and not imported and value % shards:
       raise ConfigError(f"config.{field} = {value} does not split over the {shards} devices "
                         f"of this run; make it a multiple of {shards}")
+
+
+def load_config_file(path: str, arg: str | None = None, what: str = "pipeline config"):
+  """`get_config(arg)` of the config file at `path` (e.g. a dataset's pipeline config, which
+  configs/paper_analysis.py and configs/stability.py build on); a ConfigError if it is
+  missing."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  if not os.path.exists(path):
+    raise ConfigError(f"no {what} {path} for this dataset and backbone; choose a backbone that "
+                      "configs/ has a file for")
+  name = os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(f"_config_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
 
 
 def stages_of(config) -> tuple[str, ...]:

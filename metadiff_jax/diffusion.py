@@ -14,6 +14,14 @@
 - Respaced inference (Nichol & Dhariwal 2021, Section 4): the sampler takes any schedule, so a
   K-step schedule from `schedule.respace` runs K steps; at step i it tells the network the
   training step `sched.timesteps[i]` and updates with the respaced coefficients at i.
+- Other samplers and targets (docs/STABILITY.md), each a switch beside the original:
+  `sampler="ddpm"` adds DDPM's noise to the same update, sigma_t z with sigma_t^2 = beta_t
+  (Ho et al. 2020, Algorithm 2; none at the last step); `sampler="ddim"` takes DDIM's
+  deterministic step (Song et al. 2021, Eq. 12 with eta = 0),
+  w_{t-1} = sqrt(abar_{t-1}) x0_hat + sqrt(1 - abar_{t-1}) eps_theta, with
+  x0_hat = (w_t - sqrt(1 - abar_t) eps_theta) / sqrt(abar_t) and abar_{-1} = 1. A model with
+  `prediction = "x0"` outputs w_0 itself: training regresses it (the mean of (x0_theta - w0)^2)
+  and every sampler uses the noise it implies, eps = (w_t - sqrt(abar_t) x0) / sqrt(1 - abar_t).
 
 The model is any Flax module with TCUNet's interface: `__call__(w_t, t, support, labels)` for
 training, and `time_features(t)`, `support_gradient(w_t, cond)` and
@@ -77,7 +85,8 @@ def loss_from_noise(model, variables, sched: Schedule, w0, support, support_labe
     noise: [B, N, D] the noise added to `w0`.
 
   Returns:
-    The mean over all B * N * D entries of (eps_theta(w_t, S, t) - noise)^2.
+    The mean over all B * N * D entries of (eps_theta(w_t, S, t) - noise)^2; for a model that
+    predicts x0 (`prediction = "x0"`), of (x0_theta(w_t, S, t) - w0)^2.
   """
   _check_args(w0, support, support_labels, "w0", batched=True, head=_head(model))
   if jnp.shape(noise) != jnp.shape(w0):
@@ -88,9 +97,33 @@ def loss_from_noise(model, variables, sched: Schedule, w0, support, support_labe
         f"of shape {jnp.shape(t)}")
   prototypes.check_in_range(t, sched.num_steps, "t")
   w_t = q_sample(sched, w0, t, noise)
-  eps = jax.vmap(model.apply, in_axes=(None, 0, 0, 0, 0))(
+  out = jax.vmap(model.apply, in_axes=(None, 0, 0, 0, 0))(
       variables, w_t, t, support, support_labels)
-  return jnp.mean(jnp.square(eps - noise))
+  return jnp.mean(jnp.square(out - (w0 if _prediction(model) == "x0" else noise)))
+
+
+def noise_error(model, variables, sched: Schedule, w0, support, support_labels, t, noise):
+  """Per-episode mean squared error of the predicted noise, [B]: a diagnostic.
+
+  As `loss_from_noise`, but one number per episode and always in noise space, so that models
+  that predict x0 compare with those that predict eps: an x0 prediction is turned into the
+  noise it implies. Predicting zero noise scores the mean of noise^2 (about 1).
+  """
+  _check_args(w0, support, support_labels, "w0", batched=True, head=_head(model))
+  w_t = q_sample(sched, w0, t, noise)
+  out = jax.vmap(model.apply, in_axes=(None, 0, 0, 0, 0))(
+      variables, w_t, t, support, support_labels)
+  eps = implied_noise(sched, _prediction(model), out, w_t, t)
+  return jnp.mean(jnp.square(eps - noise), axis=(-2, -1))
+
+
+def implied_noise(sched: Schedule, prediction: str, out, w_t, t):
+  """The noise a model's output `out` [..., N, W] stands for at steps t [...]."""
+  if prediction == "eps":
+    return out
+  scale = sched.sqrt_alphas_cumprod[t][..., None, None]
+  sigma = sched.sqrt_one_minus_alphas_cumprod[t][..., None, None]
+  return (w_t - scale * out) / sigma
 
 
 def loss(model, variables, sched: Schedule, w0, support, support_labels, key):
@@ -104,8 +137,12 @@ def loss(model, variables, sched: Schedule, w0, support, support_labels, key):
   return loss_from_noise(model, variables, sched, w0, support, support_labels, t, noise)
 
 
+SAMPLERS = ("original", "ddpm", "ddim")
+
+
 def sample(model, variables, sched: Schedule, w_T, support, support_labels, *,
-           trajectory_every: Optional[int] = None, dtype=None, precision=None):
+           trajectory_every: Optional[int] = None, dtype=None, precision=None,
+           sampler: str = "original", noise_key=None):
   """Denoises one episode's weights from the schedule's last step down to step 0.
 
   Args:
@@ -121,6 +158,10 @@ def sample(model, variables, sched: Schedule, w_T, support, support_labels, *,
       model's. The carried weights, the support-loss gradient and the update stay float32.
     precision: matmul precision of the network's layers, a `jax.lax.Precision` or its name
       ("default", "high", "highest"); None keeps the model's.
+    sampler: "original" (the deterministic update above), "ddpm" (the same update plus
+      sigma_t z, sigma_t^2 = beta_t) or "ddim" (eta = 0).
+    noise_key: the key of the "ddpm" sampler's noise (z of step i is normal(fold_in(key, i)));
+      unused by the others.
 
   Returns:
     w0: [N, D]; with `trajectory_every=k` the pair (w0, trajectory), where trajectory is
@@ -129,36 +170,72 @@ def sample(model, variables, sched: Schedule, w_T, support, support_labels, *,
   """
   _check_args(w_T, support, support_labels, "w_T", batched=False, head=_head(model))
   _check_trajectory_every(trajectory_every, sched.num_steps)
-  return _sample_jit(model, variables, sched, w_T, support, support_labels, trajectory_every,
-                     _canonical_dtype(dtype), _canonical_precision(precision))
+  keys = _check_sampler(sampler, noise_key, ())
+  return _sample_jit(model, variables, sched, w_T, support, support_labels,
+                     None if keys is None else keys[None], trajectory_every,
+                     _canonical_dtype(dtype), _canonical_precision(precision), sampler)
 
 
 def sample_batch(model, variables, sched: Schedule, w_T, support, support_labels, *,
-                 trajectory_every: Optional[int] = None, dtype=None, precision=None):
+                 trajectory_every: Optional[int] = None, dtype=None, precision=None,
+                 sampler: str = "original", noise_keys=None):
   """`sample` over a leading episode axis, in one compiled call.
 
-  Compiled once per input shape, number of steps K, `dtype`, `precision` and
+  Compiled once per input shape, number of steps K, `dtype`, `precision`, `sampler` and
   `trajectory_every`; new values (weights, episodes, schedule coefficients) reuse it.
 
   Args:
     w_T: [B, N, D]; support: [B, S, D]; support_labels: [B, S]; the rest as in `sample`.
+    noise_keys: [B] keys, one per episode, for the "ddpm" sampler's noise.
 
   Returns:
     w0: [B, N, D], or (w0, trajectory [B, K // k + 1, N, D]) with `trajectory_every=k`.
   """
   _check_args(w_T, support, support_labels, "w_T", batched=True, head=_head(model))
   _check_trajectory_every(trajectory_every, sched.num_steps)
+  keys = _check_sampler(sampler, noise_keys, jnp.shape(w_T)[:1])
   return _sample_batch_jit(
-      model, variables, sched, w_T, support, support_labels, trajectory_every,
-      _canonical_dtype(dtype), _canonical_precision(precision))
+      model, variables, sched, w_T, support, support_labels, keys, trajectory_every,
+      _canonical_dtype(dtype), _canonical_precision(precision), sampler)
+
+
+def update_coefficients(sched: Schedule, sampler: str = "original", prediction: str = "eps"):
+  """The reverse step as w_{i-1} = a_i w_i + b_i out_i + s_i z, for each step i of `sched`.
+
+  `out` is the network's output (noise, or x0 where `prediction = "x0"`) and z ~ N(0, I).
+
+  Args:
+    sched: the sampler's schedule (K steps).
+    sampler: "original", "ddpm" or "ddim" (see the module docstring).
+    prediction: "eps" or "x0".
+
+  Returns:
+    (a, b, s), each [K] float32; s is zero but for "ddpm" (and at i = 0 there too).
+  """
+  if sampler not in SAMPLERS:
+    raise ValueError(f"unknown sampler {sampler!r}: use one of {SAMPLERS}")
+  if sampler == "ddim":
+    # sqrt(abar_{i-1}) and sqrt(1 - abar_{i-1}), with abar_{-1} = 1.
+    prev_scale = jnp.concatenate([jnp.ones(1), sched.sqrt_alphas_cumprod[:-1]])
+    prev_sigma = jnp.concatenate([jnp.zeros(1), sched.sqrt_one_minus_alphas_cumprod[:-1]])
+    a = prev_scale / sched.sqrt_alphas_cumprod
+    b = prev_sigma - a * sched.sqrt_one_minus_alphas_cumprod
+  else:
+    a = sched.reciprocal_sqrt_alphas
+    b = -sched.reciprocal_sqrt_alphas * sched.remove_noise_coeff
+  if prediction == "x0":  # out = x0: eps = (w - sqrt(abar) x0) / sqrt(1 - abar)
+    a, b = (a + b / sched.sqrt_one_minus_alphas_cumprod,
+            -b * sched.sqrt_alphas_cumprod / sched.sqrt_one_minus_alphas_cumprod)
+  s = sched.sigmas.at[0].set(0.0) if sampler == "ddpm" else jnp.zeros_like(a)
+  return a, b, s
 
 
 PRECISIONS = {"default": jax.lax.Precision.DEFAULT, "high": jax.lax.Precision.HIGH,
               "highest": jax.lax.Precision.HIGHEST}
 
 
-def _sample_episodes(model, variables, sched, w_T, support, support_labels, trajectory_every,
-                     dtype, precision):
+def _sample_episodes(model, variables, sched, w_T, support, support_labels, noise_keys,
+                     trajectory_every, dtype, precision, sampler="original"):
   """The reverse process of B episodes, w_T [B, N, D]; traced, never called on host arrays.
 
   Everything that depends on the step alone (time embedding, gate, the five block factors) is
@@ -181,12 +258,26 @@ def _sample_episodes(model, variables, sched, w_T, support, support_labels, traj
   # training schedule's step timesteps[i]; the update uses the sampler's coefficients at i.
   order = jnp.arange(sched.num_steps - 1, -1, -1)
   time = model.apply(variables, sched.timesteps[order], method="time_features")
-  xs = (time, sched.remove_noise_coeff[order], sched.reciprocal_sqrt_alphas[order])
+  # The original's update keeps its own expression; the others are a w + b out + s z.
+  original = sampler == "original" and _prediction(model) == "eps"
+  if original:
+    xs = (time, sched.remove_noise_coeff[order], sched.reciprocal_sqrt_alphas[order])
+  else:
+    a, b, s = update_coefficients(sched, sampler, _prediction(model))
+    xs = (time, a[order], b[order], s[order], order)
   # The carried weights stay at least float32 whatever the network computes in.
   w_T = w_T.astype(jnp.promote_types(w_T.dtype, jnp.float32))
   gradient = lambda w: model.apply(variables, w, cond, method="support_gradient")
-  # What the first layer computes on: the gradient cast to the layers' dtype.
-  layer_input = lambda grad: grad if model.dtype is None else grad.astype(model.dtype)
+  # What the first layer computes on: the gradient (and w, the support means where the model
+  # reads them) cast to the layers' dtype.
+  if getattr(model, "inputs", ("gradient",)) == ("gradient",):
+    layer_input = lambda w, grad: grad if model.dtype is None else grad.astype(model.dtype)
+  else:
+    layer_input = lambda w, grad: model.apply(variables, w, grad, cond, method="network_input")
+
+  def noise(i, like):
+    z = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i), like.shape[1:]))
+    return z(noise_keys).astype(like.dtype)
 
   # The carry holds, beside w, the next step's first-layer input, computed in the same pass
   # over w and the class sums as the update: on an accelerator the step is memory-bound, and
@@ -195,13 +286,19 @@ def _sample_episodes(model, variables, sched, w_T, support, support_labels, traj
   # is recomputed from w in that pass, so the numbers are those of `denoise_from_time`.
   def step(carry, x):
     w, grad_in = carry
-    time_i, coeff, recip = x
-    eps = model.apply(variables, gradient(w), time_i, grad_in, method="from_gradient_and_time")
-    # Eq. 8 as the original code runs it, `reverse_step` with the coefficients gathered.
-    w = (w - coeff * eps.astype(w.dtype)) * recip
-    return (w, layer_input(gradient(w))), None
+    out = model.apply(variables, gradient(w), x[0], grad_in, method="from_gradient_and_time")
+    if original:
+      _, coeff, recip = x
+      # Eq. 8 as the original code runs it, `reverse_step` with the coefficients gathered.
+      w = (w - coeff * out.astype(w.dtype)) * recip
+    else:
+      _, a_i, b_i, s_i, i = x
+      w = a_i * w + b_i * out.astype(w.dtype)
+      if sampler == "ddpm":
+        w = w + s_i * noise(i, w)
+    return (w, layer_input(w, gradient(w))), None
 
-  carry = (w_T, layer_input(gradient(w_T)))
+  carry = (w_T, layer_input(w_T, gradient(w_T)))
   if trajectory_every is None:
     (w0, _), _ = jax.lax.scan(step, carry, xs)
     return w0
@@ -217,25 +314,43 @@ def _sample_episodes(model, variables, sched, w_T, support, support_labels, traj
   return w0, jnp.moveaxis(trajectory, 0, 1)
 
 
-_STATIC = ("model", "trajectory_every", "dtype", "precision")
+_STATIC = ("model", "trajectory_every", "dtype", "precision", "sampler")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def _sample_jit(model, variables, sched, w_T, support, support_labels, trajectory_every, dtype,
-                precision):
+def _sample_jit(model, variables, sched, w_T, support, support_labels, noise_keys,
+                trajectory_every, dtype, precision, sampler):
   TRACE_COUNTS["sample"] += 1
   # One episode is a batch of one: the same program as `sample_batch`.
   out = _sample_episodes(model, variables, sched, w_T[None], support[None],
-                         support_labels[None], trajectory_every, dtype, precision)
+                         support_labels[None], noise_keys, trajectory_every, dtype, precision,
+                         sampler)
   return jax.tree_util.tree_map(lambda x: x[0], out)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def _sample_batch_jit(model, variables, sched, w_T, support, support_labels, trajectory_every,
-                      dtype, precision):
+def _sample_batch_jit(model, variables, sched, w_T, support, support_labels, noise_keys,
+                      trajectory_every, dtype, precision, sampler):
   TRACE_COUNTS["sample_batch"] += 1
-  return _sample_episodes(model, variables, sched, w_T, support, support_labels,
-                          trajectory_every, dtype, precision)
+  return _sample_episodes(model, variables, sched, w_T, support, support_labels, noise_keys,
+                          trajectory_every, dtype, precision, sampler)
+
+
+def _check_sampler(sampler, keys, shape):
+  """The "ddpm" sampler's keys (typed, of `shape`), or None for the deterministic ones."""
+  if sampler not in SAMPLERS:
+    raise ValueError(f"unknown sampler {sampler!r}: use one of {SAMPLERS}")
+  if sampler != "ddpm":
+    return None
+  if keys is None:
+    raise ValueError("the ddpm sampler draws noise at every step: pass its key "
+                     "(noise_key=, or noise_keys= [B] keys for sample_batch)")
+  if not jnp.issubdtype(jnp.result_type(keys), jax.dtypes.prng_key):
+    keys = jax.random.wrap_key_data(keys)
+  if jnp.shape(keys) != tuple(shape):
+    raise ValueError(f"the ddpm sampler needs one key per episode, shape {tuple(shape)}; "
+                     f"got {jnp.shape(keys)}")
+  return keys
 
 
 def _canonical_dtype(dtype):
@@ -257,6 +372,11 @@ def _canonical_precision(precision):
   raise ValueError(
       f"precision must be a jax.lax.Precision or one of {sorted(PRECISIONS)}, "
       f"got {precision!r}")
+
+
+def _prediction(model) -> str:
+  """What the model's output is, "eps" or "x0" (the original interface: eps)."""
+  return getattr(model, "prediction", "eps")
 
 
 def _head(model) -> str:

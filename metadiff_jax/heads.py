@@ -51,7 +51,7 @@ def cross_entropy(logits_, labels, reduction: str = "mean") -> jnp.ndarray:
   """Softmax cross-entropy of logits [S, N] against int labels [S], summed or averaged."""
   log_p = jax.nn.log_softmax(logits_, axis=-1)
   nll = -jnp.take_along_axis(log_p, labels[..., None], axis=-1)[..., 0]
-  return _reduce(nll, reduction)
+  return _reduce(nll, reduction, logits_.shape[-1])
 
 
 def support_loss(head: str, w, support, labels, reduction: str = "sum") -> jnp.ndarray:
@@ -133,9 +133,11 @@ def fit_linear(features, labels, mask, ways: int, steps: int, l2: float) -> jnp.
   return w
 
 
-def _reduce(values, reduction: str):
+def _reduce(values, reduction: str, num_classes: int):
   if reduction == "sum":
     return jnp.sum(values)
   if reduction == "mean":
     return jnp.mean(values)
+  if reduction == "shot_mean":  # the mean within each class, summed over the N classes
+    return num_classes * jnp.mean(values)
   raise ValueError(f"unknown reduction {reduction!r}: use one of {prototypes.REDUCTIONS}")

@@ -5,7 +5,10 @@ All functions here work on one episode (vmap them for many): `support: [S, D]` f
 functions broadcast over leading axes.
 
 The support loss is L(w) = c * sum_i ||w_{y_i} - f_i||^2 (Eq. 11), with c = 1 in the original
-code (`reduction="sum"`, the default) and c = 1/|S| in the paper's text (`reduction="mean"`).
+code (`reduction="sum"`, the default), c = 1/|S| in the paper's text (`reduction="mean"`), or
+c = N/|S| = 1/K, the mean within each class summed over classes (`reduction="shot_mean"`,
+docs/STABILITY.md: its gradient, 2 (w_k - m_k) for K shots of each class, does not grow
+with K).
 Its gradient has the closed form dL/dw_k = 2c (n_k w_k - sum_{i: y_i = k} f_i), where n_k is
 the number of support examples of class k; it needs only the class sums and counts, which are
 constant over an episode's reverse diffusion and so are computed once (`support_stats`).
@@ -19,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-REDUCTIONS = ("sum", "mean")
+REDUCTIONS = ("sum", "mean", "shot_mean")
 
 
 class SupportStats(NamedTuple):
@@ -95,25 +98,26 @@ def support_stats(support, labels, num_classes: int) -> SupportStats:
 
 
 def support_loss(w, support, labels, reduction: str = "sum") -> jnp.ndarray:
-  """Eq. 11: c * sum_i ||w_{y_i} - f_i||^2, c = 1 ("sum") or 1/|S| ("mean").
+  """Eq. 11: c * sum_i ||w_{y_i} - f_i||^2, c = 1 ("sum"), 1/|S| ("mean") or N/|S|
+  ("shot_mean").
 
   Args:
     w: [N, D] prototype weights.
     support: [S, D] support features.
     labels: [S] ints in [0, N).
-    reduction: "sum" (the original code) or "mean" (the paper's text).
+    reduction: "sum" (the original code), "mean" (the paper's text) or "shot_mean".
 
   Returns:
     A scalar.
   """
   check_episode(support, labels)
   per_example = jnp.sum((w[labels] - support) ** 2, axis=-1)
-  return _reduction_factor(reduction, support.shape[0]) * jnp.sum(per_example)
+  return _reduction_factor(reduction, support.shape[0], w.shape[0]) * jnp.sum(per_example)
 
 
 def support_loss_grad_from_stats(w, stats: SupportStats, reduction: str = "sum"):
   """dL/dw of Eq. 11 in closed form, 2c (n_k w_k - sum_{y_i = k} f_i): [N, D]."""
-  scale = 2.0 * _reduction_factor(reduction, jnp.sum(stats.counts))
+  scale = 2.0 * _reduction_factor(reduction, jnp.sum(stats.counts), stats.counts.shape[-1])
   return scale * (stats.counts[:, None] * w - stats.sums)
 
 
@@ -138,10 +142,12 @@ def euclidean_logits(query, prototypes) -> jnp.ndarray:
   return -jnp.sum((query[..., :, None, :] - prototypes[..., None, :, :]) ** 2, axis=-1)
 
 
-def _reduction_factor(reduction: str, num_support):
-  """c of Eq. 11: 1 for "sum", 1/|S| for "mean"."""
+def _reduction_factor(reduction: str, num_support, num_classes):
+  """c of Eq. 11: 1 for "sum", 1/|S| for "mean", N/|S| (1/K) for "shot_mean"."""
   if reduction == "sum":
     return 1.0
   if reduction == "mean":
     return 1.0 / num_support
+  if reduction == "shot_mean":
+    return num_classes / num_support
   raise ValueError(f"unknown support-loss reduction {reduction!r}: use one of {REDUCTIONS}")

@@ -35,6 +35,19 @@ network above, unchanged:
 - `unet`: False (Table 3 iii, "w/o UNet") drops steps 1, 2, 4 and 5: eps = g, and the module
   has no parameters.
 
+Stabilised variants (docs/STABILITY.md), also attributes; the defaults are the original's:
+
+- `inputs`: what the first block P1 reads. ("gradient",) is the original: P1(g). Adding
+  "weights" feeds it [g, w_t], adding "means" [g, ..., m_hat] (the support class means;
+  prototype head only), concatenated along the feature axis, so P1 is [k W, h1] for k inputs.
+  The gate and the skip connection of step 5 still use g alone. The original sees w_t only
+  through g = 2K (w_t - m_hat) (Eq. 11, "sum"), so it cannot tell m_hat itself, while the noise
+  it must predict, eps = (w_t - sqrt(abar_t) w_0) / sqrt(1 - abar_t), depends on it.
+- `prediction`: what the network's output means. "eps" (Eq. 12): the noise. "x0": the clean
+  weights w_0; training regresses w_0 and the sampler turns the output into the noise it
+  implies, eps = (w_t - sqrt(abar_t) x0) / sqrt(1 - abar_t) (`diffusion`). The network is
+  the same either way.
+
 `condition` computes, once per episode, what the gradient needs of the support set; the
 sampler hands it to `support_gradient` at every step.
 """
@@ -52,6 +65,8 @@ import jax.numpy as jnp
 from metadiff_jax import heads, prototypes
 
 GRADIENTS = ("l2", "cosine_ce")
+INPUTS = ("gradient", "weights", "means")
+PREDICTIONS = ("eps", "x0")
 
 
 def _torch_linear_bias_init(fan_in: int):
@@ -78,14 +93,33 @@ def sinusoidal_time_embedding(t, dim: int = 320) -> jnp.ndarray:
   return jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], axis=-1)
 
 
-def check_variant(head: str, gradient: str) -> None:
-  """Raises ValueError for an unknown head or gradient, or one the head cannot take."""
+def check_variant(head: str, gradient: str, inputs=("gradient",), prediction="eps") -> None:
+  """Raises ValueError for an unknown head, gradient, inputs or prediction, or a combination
+  that cannot work."""
   heads.check_head(head)
   if gradient not in GRADIENTS:
     raise ValueError(f"unknown gradient {gradient!r}: use one of {GRADIENTS}")
   if head == "linear" and gradient != "l2":
     raise ValueError(f"gradient {gradient!r} is a prototype-head variant; the linear head is "
                      "always fed its own cross-entropy gradient: use gradient='l2'")
+  inputs = tuple(inputs)
+  if (not inputs or inputs[0] != "gradient" or len(set(inputs)) != len(inputs)
+      or any(i not in INPUTS for i in inputs)):
+    raise ValueError(f"inputs must start with 'gradient' and may add 'weights' and/or 'means' "
+                     f"(each once), got {inputs!r}")
+  if "means" in inputs and head != "prototype":
+    raise ValueError("the 'means' input (the support class means) is a prototype-head input; "
+                     "the linear head can add 'weights' only")
+  if prediction not in PREDICTIONS:
+    raise ValueError(f"unknown prediction {prediction!r}: use one of {PREDICTIONS}")
+
+
+def support_means(head: str, gradient: str, cond, num_classes: int):
+  """[N, D] support class means m_hat of one episode from its `condition`."""
+  if head == "prototype" and gradient == "l2":
+    return cond.sums / jnp.maximum(cond.counts, 1.0)[..., None]
+  support, labels = cond
+  return prototypes.class_means(support, labels, num_classes)
 
 
 def condition(head: str, gradient: str, support, labels, num_classes: int):
@@ -154,6 +188,9 @@ class TCUNet(nn.Module):
     gradient: "l2" (Eq. 11) or "cosine_ce" (Table 3 ii; prototype head only), the support
       loss whose gradient feeds the network.
     unet: False gives eps = the gradient (Table 3 iii), with no parameters.
+    inputs: what the first block reads: ("gradient",) (the original), or with "weights" (w_t)
+      and/or "means" (the support class means) added, concatenated in that order.
+    prediction: "eps" (the original) or "x0", what the output is trained to be.
   """
 
   feature_dim: int = 512
@@ -165,6 +202,8 @@ class TCUNet(nn.Module):
   head: str = "prototype"
   gradient: str = "l2"
   unet: bool = True
+  inputs: Sequence[str] = ("gradient",)
+  prediction: str = "eps"
 
   def __post_init__(self):
     # A tuple keeps the module hashable, as `jax.jit` needs of a static argument; configs and
@@ -173,7 +212,11 @@ class TCUNet(nn.Module):
       if len(self.hidden_dims) != 2:
         raise ValueError(f"hidden_dims must be two widths (h1, h2), got {self.hidden_dims!r}")
       object.__setattr__(self, "hidden_dims", tuple(int(h) for h in self.hidden_dims))
-    check_variant(self.head, self.gradient)
+    object.__setattr__(self, "inputs", tuple(self.inputs))
+    check_variant(self.head, self.gradient, self.inputs, self.prediction)
+    if not self.unet and self.prediction != "eps":
+      raise ValueError("without the UNet eps is the gradient: it predicts eps, not x0; keep "
+                       "prediction='eps' (it has no layers to read other inputs either)")
     super().__post_init__()
 
   def setup(self):
@@ -190,7 +233,7 @@ class TCUNet(nn.Module):
     self.time_scale_0 = dense(e // 2, e)
     self.time_scale_2 = dense(1, e // 2)
     # Encoder, bottleneck, decoder: D -> h1 -> h2 -> h2 -> h1 -> D.
-    self.proto_inf1, self.time_emb1 = dense(h1, d), dense(h1, e)
+    self.proto_inf1, self.time_emb1 = dense(h1, d * len(self.inputs)), dense(h1, e)
     self.proto_inf2, self.time_emb2 = dense(h2, h1), dense(h2, e)
     self.proto_inf3, self.time_emb3 = dense(h2, h2), dense(h2, e)
     self.proto_inf4, self.time_emb4 = dense(h1, h2), dense(h1, e)
@@ -249,11 +292,30 @@ class TCUNet(nn.Module):
     """
     self._check_weights(w_t, "w_t")
     _check_time(t)
-    return self.from_gradient(self.support_gradient(w_t, cond), t)
+    return self.denoise_from_time(w_t, self.time_features(t), cond)
 
   def from_gradient(self, grad, t):
-    """eps from the support-loss gradient `grad` [N, D] and the step t (steps 1-2, 4-5)."""
+    """eps from the support-loss gradient `grad` [N, D] and the step t (steps 1-2, 4-5);
+    the original's inputs only (a variant fed more needs `denoise`)."""
     return self.from_gradient_and_time(grad, self.time_features(t))
+
+  def network_input(self, w_t, grad, cond):
+    """What the first block reads, [..., N, k W], in the layers' dtype: the gradient `grad`,
+    then w_t and the support class means where `inputs` names them.
+
+    `cond` is the episodes' `condition` with the leading axes of `w_t`.
+    """
+    parts = [grad]
+    if "weights" in self.inputs:
+      parts.append(w_t.astype(grad.dtype))
+    if "means" in self.inputs:
+      means = functools.partial(support_means, self.head, self.gradient,
+                                num_classes=w_t.shape[-2])
+      for _ in range(jnp.ndim(w_t) - 2):
+        means = jax.vmap(means)
+      parts.append(means(cond).astype(grad.dtype))
+    x = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
+    return x if self.dtype is None else x.astype(self.dtype)
 
   def time_features(self, t) -> TimeFeatures:
     """The gate and the five block factors of steps t (steps 1, 2 and E_b of step 4).
@@ -281,11 +343,15 @@ class TCUNet(nn.Module):
     Args:
       grad: [..., N, D] support-loss gradient; the gate and the skip connection use it as is.
       time: the step's `TimeFeatures`.
-      grad_in: optionally `grad` already cast to the layers' dtype, for the first block (a
-        sampler can produce it together with the previous step's update); None casts `grad`.
+      grad_in: the first block's input in the layers' dtype (`network_input`; a sampler can
+        produce it together with the previous step's update); None takes `grad`, which only
+        the original inputs allow.
     """
     if not self.unet:
       return grad
+    if grad_in is None and self.inputs != ("gradient",):
+      raise ValueError(f"a TCUNet fed {self.inputs} needs its first block's input: pass "
+                       "grad_in=network_input(w_t, grad, cond), or call denoise_from_time")
     gate, (e1, e2, e3, e4, e5) = time
     x1 = nn.softplus(self.proto_inf1(grad if grad_in is None else grad_in) * e1)
     x2 = nn.softplus(self.proto_inf2(x1) * e2)
@@ -323,7 +389,10 @@ class TCUNet(nn.Module):
     Returns:
       eps: [..., N, W]; every block is one matmul over all episodes' rows.
     """
-    return self.from_gradient_and_time(self.support_gradient(w_t, cond), time)
+    grad = self.support_gradient(w_t, cond)
+    if self.inputs == ("gradient",):  # the original: the layers cast g themselves
+      return self.from_gradient_and_time(grad, time)
+    return self.from_gradient_and_time(grad, time, self.network_input(w_t, grad, cond))
 
   def _check_weights(self, w, name):
     if jnp.ndim(w) != 2 or jnp.shape(w)[-1] != self.feature_dim:

@@ -145,15 +145,19 @@ def test_trajectory_last_point_is_the_sampler_output():
   query_labels = jnp.asarray(rng.integers(0, ways, (episodes, ways * queries)), jnp.int32)
   index = jnp.arange(episodes, dtype=jnp.int32)
   key = jax.random.key(3)
-  acc, loss, w0 = analysis.trajectory_metrics(model, variables, sched, features, support_idx,
-                                              support_labels, query_idx, query_labels, index,
-                                              key, ways=ways, every=3)
+  traj = analysis.trajectory_metrics(model, variables, sched, features, support_idx,
+                                     support_labels, query_idx, query_labels, index, key,
+                                     ways=ways, every=3)
+  acc, loss, w0 = traj["accuracy"], traj["support_loss"], traj["w0"]
   assert acc.shape == loss.shape == (episodes, 5)
   m = evaluate.episode_metrics(model, variables, sched, features, support_idx, support_labels,
                                query_idx, query_labels, index, key, ways)
   np.testing.assert_array_equal(np.asarray(acc[:, -1]), np.asarray(m["accuracy"]))
   np.testing.assert_allclose(np.asarray(loss[:, -1]), np.asarray(m["support_loss"]),
                              rtol=1e-5)
+  # The divergence diagnostic's last point is the eval stage's norm ratio.
+  np.testing.assert_allclose(np.asarray(traj["norm"][:, -1] / traj["reference_norm"]),
+                             np.asarray(m["norm_ratio"]), rtol=1e-5)
   # Point 0 is w_T itself: the Gaussian start's accuracy, not the sampler's.
   assert np.all(np.isfinite(np.asarray(loss)))
   assert w0.shape == (episodes, ways, dim)

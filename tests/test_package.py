@@ -60,7 +60,8 @@ def test_the_demo_config_builds_the_core_and_is_locked():
   model = tcunet.TCUNet(**denoiser)
   variables = model.init(jax.random.key(0), jnp.zeros((5, 512)), 0, jnp.ones((5, 512)),
                          jnp.arange(5))
-  assert variables["params"]["proto_inf1"]["kernel"].shape == (512, 256)
+  # The recommended variant's first block reads [g, w_t]: 2 x 512 inputs.
+  assert variables["params"]["proto_inf1"]["kernel"].shape == (1024, 256)
   with pytest.raises(AttributeError):
     config.diffusion.num_step = 10  # misspelt: the locked config refuses it
   config.denoiser.hidden_dims = (64, 32)

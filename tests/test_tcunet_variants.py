@@ -284,7 +284,9 @@ def test_load_denoiser_without_the_unet_needs_no_checkpoint(tmp_path):
 # ----------------------------------------------------------------------------- config
 
 def variant_config(head="prototype", gradient="l2", unet=True, stages=None):
+  """The paper's ablations (Tables 3-4) are of its TCUNet: the faithful variant's config."""
   config = config_lib.base_config()
+  config_lib.apply_variant(config, "faithful")
   config.train.ways = WAYS
   config.denoiser.hidden_dims = (8, 4)
   config.denoiser.time_embed_dim = 8

@@ -1,6 +1,7 @@
 """Command line: build a dataset, or inspect a built one.
 
   python -m metadiff_jax.data build glyphs --data_dir ~/tensorflow_datasets
+  python -m metadiff_jax.data build textures --num_classes 200 --image_size 32
   python -m metadiff_jax.data build mini_imagenet --data_dir D --manual_dir M
   python -m metadiff_jax.data build image_folder --manual_dir ROOT --config flowers --image_size 84
   python -m metadiff_jax.data inspect glyphs --data_dir D --split test --out episode.png
@@ -35,14 +36,16 @@ def _parser() -> argparse.ArgumentParser:
   b.add_argument("--manual_dir", default=None,
                  help="directory holding the dataset's files (image_folder: the root)")
   b.add_argument("--config", default=None,
-                 help="builder config name (glyphs, image_folder); default 'default'")
+                 help="builder config name (glyphs, textures, image_folder); default "
+                      "'default'")
   b.add_argument("--image_size", type=int, default=None,
-                 help="glyphs: side in pixels (default 32); image_folder: resize to this square "
-                      "(default 84)")
+                 help="glyphs, textures: side in pixels (default 32); image_folder: resize to "
+                      "this square (default 84)")
   b.add_argument("--channels", type=int, choices=(1, 3), default=3, help="image_folder only")
-  b.add_argument("--num_classes", type=int, default=None, help="glyphs only")
-  b.add_argument("--images_per_class", type=int, default=None, help="glyphs only")
-  b.add_argument("--seed", type=int, default=None, help="glyphs only")
+  b.add_argument("--num_classes", type=int, default=None, help="glyphs, textures only")
+  b.add_argument("--images_per_class", type=int, default=None,
+                 help="glyphs, textures only")
+  b.add_argument("--seed", type=int, default=None, help="glyphs, textures only")
 
   i = sub.add_parser("inspect", help="print counts and write a PNG of one episode")
   i.add_argument("name", choices=names)
@@ -59,13 +62,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _builder_config(args):
-  if args.name == "glyphs":
+  if args.name in ("glyphs", "textures"):
     changed = {k: getattr(args, k) for k in ("image_size", "num_classes", "images_per_class",
                                              "seed") if getattr(args, k) is not None}
     if not changed and args.config in (None, "default"):
       return None
     name = args.config or "_".join(f"{k}{v}" for k, v in sorted(changed.items()))
-    return builders.GlyphsConfig(name=name, **changed)
+    config_class = builders.GlyphsConfig if args.name == "glyphs" else builders.TexturesConfig
+    return config_class(name=name, **changed)
   if args.name == "image_folder":
     size = args.image_size or 84
     return builders.ImageFolderConfig(name=args.config or "default", image_size=(size, size),

@@ -1,6 +1,7 @@
 """TFDS builders that write the few-shot datasets as array_record files, with no TensorFlow.
 
-Each builder reads a user's files with `formats.py` (or generates the glyphs), and writes splits
+Each builder reads a user's files with `formats.py` (or generates the glyphs or the textures),
+and writes splits
 `train` / `val` / `test` of examples `{"image": uint8 [H, W, C], "label": int64}`. Labels are
 within-split class indices 0..C-1; the class names of each split are stored in the dataset's
 metadata (`metadata.json`, key "class_names"). Images are `tfds.features.Tensor` rather than
@@ -25,7 +26,7 @@ import os
 import numpy as np
 import tensorflow_datasets as tfds
 
-from metadiff_jax.data import formats, glyphs, spec as spec_lib
+from metadiff_jax.data import formats, glyphs, spec as spec_lib, textures
 from metadiff_jax.data.errors import DataError
 
 SPLITS = spec_lib.SPLITS
@@ -249,20 +250,60 @@ class Glyphs(FewShotBuilder, skip_registration=True):
                            image_size=cfg.image_size, seed=cfg.seed, progress=True)
     logging.info("glyphs fingerprint %s", glyphs.fingerprint(data))
     self.info.metadata["glyphs_fingerprint"] = glyphs.fingerprint(data)
-    raw = {}
-    for split in SPLITS:
-      classes = np.asarray(data.splits[split])
-      relabel = np.full(len(data.class_names), -1, np.int64)
-      relabel[classes] = np.arange(len(classes))
-      keep = np.flatnonzero(relabel[data.labels] >= 0)
-      raw[split] = formats.RawSplit(
-          images=data.images[keep], labels=relabel[data.labels[keep]],
-          class_names=tuple(data.class_names[c] for c in classes))
-    return raw
+    return _generated_splits(data)
+
+
+def _generated_splits(data) -> dict[str, formats.RawSplit]:
+  """A generated set (glyphs.GlyphSet, textures.TextureSet) cut into its class splits, with
+  within-split labels in the order of the global class indices."""
+  raw = {}
+  for split in SPLITS:
+    classes = np.asarray(data.splits[split])
+    relabel = np.full(len(data.class_names), -1, np.int64)
+    relabel[classes] = np.arange(len(classes))
+    keep = np.flatnonzero(relabel[data.labels] >= 0)
+    raw[split] = formats.RawSplit(
+        images=data.images[keep], labels=relabel[data.labels[keep]],
+        class_names=tuple(data.class_names[c] for c in classes))
+  return raw
+
+
+@dataclasses.dataclass
+class TexturesConfig(tfds.core.BuilderConfig):
+  """Texture generation settings (`textures.generate`)."""
+
+  num_classes: int = textures.DEFAULT_NUM_CLASSES
+  images_per_class: int = 20
+  image_size: int = 32
+  seed: int = 0
+
+
+class Textures(FewShotBuilder, skip_registration=True):
+  """The second embedded set: procedurally generated RGB texture classes.
+
+  Synthetic and harder than the glyphs (see docs/TEXTURES.md), not a benchmark from the
+  literature; it needs no download.
+  """
+
+  name = "textures"
+  SOURCE = "generated procedurally (no download)"
+
+  def image_shape(self):
+    size = self.builder_config.image_size
+    return (size, size, 3)
+
+  def read_splits(self, dl_manager):
+    cfg = self.builder_config
+    data = textures.generate(num_classes=cfg.num_classes, images_per_class=cfg.images_per_class,
+                             image_size=cfg.image_size, seed=cfg.seed, progress=True)
+    logging.info("textures fingerprint %s", textures.fingerprint(data))
+    self.info.metadata["textures_fingerprint"] = textures.fingerprint(data)
+    return _generated_splits(data)
 
 
 BUILDERS: dict[str, type[FewShotBuilder]] = {
-    b.name: b for b in (Glyphs, MiniImagenet, TieredImagenet, CifarFs, Fc100, ImageFolder)
+    b.name: b for b in (Glyphs, Textures, MiniImagenet, TieredImagenet, CifarFs, Fc100,
+                        ImageFolder)
 }
 
 
@@ -273,8 +314,8 @@ def make_builder(name: str, data_dir: str, manual_dir: str | None = None,
   Args:
     name: one of `BUILDERS`.
     data_dir: the TFDS data directory.
-    manual_dir: the directory with the user's files (not needed for glyphs).
-    config: a builder config (glyphs, image_folder) or its name.
+    manual_dir: the directory with the user's files (not needed for glyphs and textures).
+    config: a builder config (glyphs, textures, image_folder) or its name.
     **kwargs: `spec=`, `archive_md5=` (CIFAR) and other builder arguments.
 
   Returns:
@@ -282,7 +323,8 @@ def make_builder(name: str, data_dir: str, manual_dir: str | None = None,
   """
   if name not in BUILDERS:
     raise DataError(f"unknown dataset {name!r}; known: {', '.join(BUILDERS)}")
-  config_class = {"glyphs": GlyphsConfig, "image_folder": ImageFolderConfig}.get(name)
+  config_class = {"glyphs": GlyphsConfig, "textures": TexturesConfig,
+                  "image_folder": ImageFolderConfig}.get(name)
   if config_class is not None:
     # These configs are made per call (no class-level list), so a custom size can be named.
     if config is None or isinstance(config, str):

@@ -467,8 +467,11 @@ def generate(num_classes: int = DEFAULT_NUM_CLASSES, images_per_class: int = 20,
   return GlyphSet(images=images, labels=labels, class_names=names, splits=splits)
 
 
-def fingerprint(glyph_set: GlyphSet) -> str:
-  """A short hex digest of a set's images, labels, class names and splits, for cache keys."""
+def fingerprint(glyph_set) -> str:
+  """A short hex digest of a set's images, labels, class names and splits, for cache keys.
+
+  Any set with those four fields (a `GlyphSet`, a `textures.TextureSet`) can be passed.
+  """
   digest = hashlib.sha256()
   digest.update(repr(glyph_set.images.shape).encode())
   digest.update(np.ascontiguousarray(glyph_set.images, np.uint8).tobytes())
@@ -480,31 +483,34 @@ def fingerprint(glyph_set: GlyphSet) -> str:
   return digest.hexdigest()[:16]
 
 
-def grid(glyph_set: GlyphSet, num_classes: int = 40, images_per_class: int = 8,
+def grid(glyph_set, num_classes: int = 40, images_per_class: int = 8,
          zoom: int = 2) -> np.ndarray:
   """A mosaic for looking at a set: evenly spaced classes in two columns of rows.
 
   Args:
-    glyph_set: the set.
+    glyph_set: the set (or any set with images [n, H, W, C], labels and num_classes, such as
+      a `textures.TextureSet`).
     num_classes: classes shown, spread evenly over the class indices (so over the blocks).
     images_per_class: the first images of each class, left to right.
     zoom: nearest-neighbour magnification.
 
   Returns:
-    [height, width] uint8, grey lines between images and a wider gap between the two columns.
+    [height, width] uint8 for one channel ([height, width, C] for C), grey lines between
+    images and a wider gap between the two columns.
   """
-  size = glyph_set.images.shape[1]
+  size, channels = glyph_set.images.shape[1], glyph_set.images.shape[-1]
   per_class = len(glyph_set.labels) // glyph_set.num_classes
   shown = np.linspace(0, glyph_set.num_classes - 1, num_classes).round().astype(int)
   rows = (num_classes + 1) // 2
   cell = size + 2
   half = images_per_class * cell
-  mosaic = np.full((rows * cell, 2 * half + 3 * cell // 2), 64, np.uint8)
+  mosaic = np.full((rows * cell, 2 * half + 3 * cell // 2, channels), 64, np.uint8)
   for n, label in enumerate(shown):
     top, left = (n % rows) * cell + 1, (n // rows) * (half + 3 * cell // 2) + 1
     for k in range(min(images_per_class, per_class)):
-      image = glyph_set.images[label * per_class + k, :, :, 0]
+      image = glyph_set.images[label * per_class + k]
       mosaic[top:top + size, left + k * cell:left + k * cell + size] = image
+  mosaic = mosaic[..., 0] if channels == 1 else mosaic
   return mosaic.repeat(zoom, 0).repeat(zoom, 1)
 
 

@@ -32,7 +32,7 @@ class DatasetRef:
 
   def build_command(self) -> str:
     cmd = f"python -m metadiff_jax.data build {self.name} --data_dir {self.data_dir}"
-    if self.name not in ("glyphs", "cifar_fs", "fc100"):
+    if self.name not in ("glyphs", "textures", "cifar_fs", "fc100"):
       cmd += " --manual_dir <dir with its files>"
     if self.config not in (None, "default"):
       cmd += f" --config {self.config}"

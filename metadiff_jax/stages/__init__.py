@@ -6,6 +6,9 @@
 4. `eval`: MetaDiff, the untrained denoiser and class-mean prototypes on the test episodes.
 5. `analysis` (only where config.stages names it): the paper's Tables 2-4 and Figures 4-5,
    MetaDiff against meta-optimizer baselines and its own ablations (configs/paper_analysis.py).
+6. `stability` (only where config.stages names it): whether the faithful reverse process
+   diverges, with diagnostics, beside the stabilised variants (configs/stability.py,
+   docs/STABILITY.md).
 
 Each stage restores its own checkpoint from the workdir if there is one and skips work already
 done, so `run` can be called again after an interruption, or with more steps.
@@ -18,10 +21,11 @@ import os
 import time
 
 from metadiff_jax import config_lib, mesh
-from metadiff_jax.stages import analysis, common, evaluate, pretrain, prototypes, train
+from metadiff_jax.stages import (analysis, common, evaluate, pretrain, prototypes, stability,
+                                 train)
 
 STAGES = {"pretrain": pretrain.stage, "prototypes": prototypes.stage, "train": train.stage,
-          "eval": evaluate.stage, "analysis": analysis.stage}
+          "eval": evaluate.stage, "analysis": analysis.stage, "stability": stability.stage}
 
 
 def run(config, workdir: str) -> None:

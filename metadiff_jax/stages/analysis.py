@@ -42,7 +42,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from metadiff_jax import config_lib, diffusion, heads, mesh, metaopt, metrics, schedule
+from metadiff_jax import (config_lib, diffusion, heads, mesh, metaopt, metrics, prototypes,
+                          schedule)
 from metadiff_jax.data import episodes as episodes_lib
 from metadiff_jax.data import features
 from metadiff_jax.stages import baselines, common
@@ -93,10 +94,9 @@ def stage(config, workdir: str) -> dict:
   a = config.analysis
   root = os.path.abspath(os.path.expanduser(workdir))
   out = analysis_dir(root)
-  base = common.split_features(config, root, "train")
-  val = common.split_features(config, root, "val")
-  test = common.split_features(config, root, "test")
-  targets = prototypes_stage.load_targets(root, base)
+  base, val, test = (common.diffusion_features(config, common.split_features(config, root, s))
+                     for s in ("train", "val", "test"))
+  targets = prototypes_stage.diffusion_targets(config, root, base)
   data = _Data(config, base, val, test, targets)
   parts = set(a.parts)
   results = {}
@@ -327,24 +327,29 @@ def _metadiff_row(config, root, row, shots, data, sampler, count, key, cached) -
 
 # ----------------------------------------------------------------------------- Figure 5
 
-@functools.partial(jax.jit, static_argnames=("model", "ways", "every"))
+@functools.partial(jax.jit, static_argnames=("model", "ways", "every", "update"))
 def trajectory_metrics(model, variables, sched, features_dev, support_idx, support_labels,
-                       query_idx, query_labels, index, key, ways: int, every: int):
-  """Query accuracy and support loss of each episode along the reverse trajectory.
+                       query_idx, query_labels, index, key, ways: int, every: int,
+                       update: str = "original"):
+  """Query accuracy, support loss and weight norm of each episode along the reverse trajectory.
 
-  The sampler is `episode_metrics`'s (w_T of episode i from fold_in(key, i)), keeping the
-  weights every `every` steps.
+  The sampler is `episode_metrics`'s (w_T of episode i from fold_in(key, i); `update` the
+  reverse update, config.diffusion.sampler), keeping the weights every `every` steps.
 
   Returns:
-    (accuracy [B, K // every + 1], support_loss [B, K // every + 1], w0 [B, N, Dw]); entry j
-    is after j * every reverse steps, the last is the sampler's output.
+    A dict of [B, K // every + 1] arrays, entry j after j * every reverse steps (the last is
+    the sampler's output): "accuracy", "support_loss" (mean over the support set) and "norm"
+    (the mean norm of the weights' rows); and "reference_norm" [B], that of the support class
+    means, and "w0" [B, N, W], the output.
   """
   support, query = features.gather(features_dev, support_idx, query_idx)
   head = getattr(model, "head", "prototype")
   w_T = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i),
                                              (ways, model.feature_dim)))(index)
   w0, trajectory = diffusion.sample_batch(model, variables, sched, w_T, support,
-                                          support_labels, trajectory_every=every)
+                                          support_labels, trajectory_every=every,
+                                          sampler=update,
+                                          noise_keys=evaluate.episode_noise_keys(key, index))
 
   def per_episode(traj, s, s_labels, q, q_labels):
     acc = jax.vmap(lambda w: heads.accuracy(head, w, q, q_labels))(traj)
@@ -352,7 +357,10 @@ def trajectory_metrics(model, variables, sched, features_dev, support_idx, suppo
     return acc, loss
 
   acc, loss = jax.vmap(per_episode)(trajectory, support, support_labels, query, query_labels)
-  return acc, loss, w0
+  means = jax.vmap(prototypes.class_means, (0, 0, None))(support, support_labels, ways)
+  return {"accuracy": acc, "support_loss": loss,
+          "norm": jnp.mean(jnp.linalg.norm(trajectory, axis=-1), axis=-1),
+          "reference_norm": jnp.mean(jnp.linalg.norm(means, axis=-1), axis=-1), "w0": w0}
 
 
 def _trajectory(config, root, shots, data, sampler, count, key, cached) -> dict:
@@ -367,16 +375,18 @@ def _trajectory(config, root, shots, data, sampler, count, key, cached) -> dict:
 
   def compute():
     batch = mesh.padded_size(min(config.eval.batch_episodes, count))
-    accs, losses = [], []
+    accs, losses, ratios = [], [], []
     with metrics.Progress(count, f"trajectory {shots}-shot", unit="episode",
                           enabled=common.is_writer()) as bar:
       for start in range(0, count, batch):
         arrays = common.sharded_episodes(sampler, start, batch)
-        acc, loss, _ = trajectory_metrics(model, variables, sched, data.test_dev, *arrays,
-                                          key, ways=sampler.ways, every=every)
+        m = trajectory_metrics(model, variables, sched, data.test_dev, *arrays, key,
+                               ways=sampler.ways, every=every,
+                               update=variant.diffusion.sampler)
         keep = min(batch, count - start)
-        accs.append(mesh.to_host(acc)[:keep])
-        losses.append(mesh.to_host(loss)[:keep])
+        accs.append(mesh.to_host(m["accuracy"])[:keep])
+        losses.append(mesh.to_host(m["support_loss"])[:keep])
+        ratios.append(mesh.to_host(m["norm"] / m["reference_norm"][:, None])[:keep])
         bar.update(keep)
     # float64 means, as `evaluate.summarize` takes them: the last point is the MetaDiff row.
     acc = np.concatenate(accs).astype(np.float64)
@@ -385,6 +395,7 @@ def _trajectory(config, root, shots, data, sampler, count, key, cached) -> dict:
     return {"steps": steps, "accuracy": acc.mean(0).tolist(),
             "accuracy_ci95": (1.96 * acc.std(0) / np.sqrt(len(acc))).tolist(),
             "support_loss": loss.mean(0).tolist(), "n": len(acc),
+            "norm_ratio": np.concatenate(ratios).astype(np.float64).mean(0).tolist(),
             "num_sampling_steps": sched.num_steps}
 
   return cached("trajectory", settings, compute)
@@ -394,11 +405,13 @@ def convergence_markdown(curves: dict) -> str:
   """Figure 5 as a table: every 50th point (all of them are in the JSON)."""
   shots = sorted(curves)
   lines = ["# Figure 5: convergence along the reverse trajectory", "",
-           "Mean test accuracy and support loss (Eq. 11, mean over the support set) after j "
-           "reverse steps, from w_T ~ N(0, I) (j = 0) to the sampler's output (last row).", "",
-           "| steps | " + " | ".join(f"{k}-shot accuracy | {k}-shot support loss"
-                                      for k in shots) + " |",
-           "|---|" + "---|---|" * len(shots)]
+           "Mean test accuracy, support loss (Eq. 11, mean over the support set) and norm "
+           "ratio (mean row norm of the weights over that of the support class means: the "
+           "divergence diagnostic) after j reverse steps, from w_T ~ N(0, I) (j = 0) to the "
+           "sampler's output (last row).", "",
+           "| steps | " + " | ".join(f"{k}-shot accuracy | {k}-shot support loss | "
+                                      f"{k}-shot norm ratio" for k in shots) + " |",
+           "|---|" + "---|---|---|" * len(shots)]
   steps = curves[shots[0]]["steps"]
   stride = max(1, len(steps) // 20)
   picks = sorted(set(list(range(0, len(steps), stride)) + [len(steps) - 1]))
@@ -406,7 +419,9 @@ def convergence_markdown(curves: dict) -> str:
     cells = []
     for k in shots:
       c = curves[k]
-      cells += [f"{100 * c['accuracy'][j]:.2f}%", f"{c['support_loss'][j]:.4g}"]
+      ratio = c.get("norm_ratio")  # absent from results written before it was measured
+      cells += [f"{100 * c['accuracy'][j]:.2f}%", f"{c['support_loss'][j]:.4g}",
+                "" if ratio is None else f"{ratio[j]:.3g}"]
     lines.append(f"| {steps[j]} | " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
 

@@ -16,6 +16,7 @@ stage to run when it is missing.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -183,6 +184,20 @@ def split_features(config, workdir: str, split: str, module=None, variables=None
       workdir, data, split, embed_fn(module, augment_config(config)), variables,
       preprocessing=preprocessing_tag(config), batch_size=config.pretrain.embed_batch_size,
       progress=progress, write=is_writer())
+
+
+def diffusion_features(config, feature_set: features.FeatureSet) -> features.FeatureSet:
+  """The features the diffusion stages see: the cached ones, or, where
+  config.diffusion.feature_rms = r is set, each row rescaled to norm r sqrt(D) (its
+  root-mean-square coordinate r). The key says which, so nothing cached mixes them up."""
+  rms = config.diffusion.feature_rms
+  if rms is None:
+    return feature_set
+  x = np.asarray(feature_set.features, np.float64)
+  norms = np.linalg.norm(x, axis=1, keepdims=True)
+  scaled = x * (float(rms) * np.sqrt(x.shape[1]) / np.maximum(norms, 1e-12))
+  return dataclasses.replace(feature_set, features=scaled.astype(np.float32),
+                             key=f"{feature_set.key}/rms{float(rms):g}")
 
 
 def import_backbone(config, template_variables):

@@ -50,10 +50,18 @@ METHODS = (("metadiff", "MetaDiff (trained TCUNet, EMA)"),
 
 
 def sampler_options(config) -> dict:
-  """The sampler's dtype and matmul precision from config.diffusion, as `sample_batch` takes."""
+  """The sampler's dtype, matmul precision and update (config.diffusion.sampler) from
+  config.diffusion, as `run_episodes` and `episode_metrics` take them."""
   d = config.diffusion
   return {"dtype": jnp.bfloat16 if d.sampler_dtype == "bfloat16" else None,
-          "precision": None if d.sampler_precision == "default" else d.sampler_precision}
+          "precision": None if d.sampler_precision == "default" else d.sampler_precision,
+          "update": d.sampler}
+
+
+def episode_noise_keys(key, index):
+  """[B] keys of the "ddpm" sampler's noise in episodes `index` (w_T is drawn from
+  fold_in(key, i); the noise from fold_in(fold_in(key, i), 1))."""
+  return jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(key, i), 1))(index)
 
 
 def metric_options(config) -> dict:
@@ -63,10 +71,10 @@ def metric_options(config) -> dict:
 
 
 @functools.partial(jax.jit, static_argnames=("model", "ways", "dtype", "precision",
-                                             "linear_fit"))
+                                             "linear_fit", "update"))
 def episode_metrics(model, variables, sched, features_dev, support_idx, support_labels,
                     query_idx, query_labels, index, key, ways: int, dtype=None, precision=None,
-                    linear_fit=None):
+                    linear_fit=None, update="original"):
   """Per-episode metrics of sampled and class-mean prototypes (or sampled linear heads).
 
   The episode axis of the inputs may be split over the devices of the data mesh; every
@@ -82,6 +90,8 @@ def episode_metrics(model, variables, sched, features_dev, support_idx, support_
     key: the sampling key.
     ways: N.
     dtype, precision: the sampler's computation dtype and matmul precision.
+    update: the reverse update, "original", "ddpm" or "ddim" (`diffusion.sample_batch`'s
+      `sampler`; config.diffusion.sampler).
     linear_fit: (steps, l2) of the linear head's norm-ratio reference (`metric_options`);
       unused by the prototype head.
 
@@ -95,7 +105,8 @@ def episode_metrics(model, variables, sched, features_dev, support_idx, support_
   dim = heads.weight_dim(head, features_dev.shape[-1])
   w_T = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), (ways, dim)))(index)
   w0 = diffusion.sample_batch(model, variables, sched, w_T, support, support_labels,
-                              dtype=dtype, precision=precision)
+                              dtype=dtype, precision=precision, sampler=update,
+                              noise_keys=episode_noise_keys(key, index))
   protos = jax.vmap(prototypes.class_means, (0, 0, None))(support, support_labels, ways)
 
   def accuracy(w, head):
@@ -120,9 +131,96 @@ def episode_metrics(model, variables, sched, features_dev, support_idx, support_
           "norm_ratio": mean_norm(w0) / mean_norm(reference), "support_loss": loss}
 
 
+@functools.partial(jax.jit, static_argnames=("model", "ways", "buckets"))
+def bucket_noise_error(model, variables, sched, features_dev, targets_dev, support_idx,
+                       support_labels, classes, index, key, ways: int, buckets: int):
+  """Held-out diffusion error per range of steps: a divergence diagnostic.
+
+  Each episode's clean weights are the targets of its classes (for held-out classes, their
+  means over all the split's images, as the prototypes stage computes for base classes); for
+  each of `buckets` equal ranges of the training schedule's [0, T) it is noised at a step t
+  drawn in the range (w_t = sqrt(abar_t) w0 + sqrt(1 - abar_t) eps), and the model's noise
+  estimate is compared with eps (`diffusion.noise_error`: always in noise space, so a model
+  that predicts x0 compares too). Beside it, two fixed predictors on the same draws:
+  "zero", eps_hat = 0 (its error is the mean of eps^2, about 1), and "support_means", the
+  exact noise were w0 the support class means m_hat, eps_hat = (w_t - sqrt(abar_t) m_hat) /
+  sqrt(1 - abar_t): what a denoiser that knew m_hat and nothing else would say.
+
+  Args:
+    model, variables: the denoiser. sched: the training schedule (T steps).
+    features_dev: [n, D] the split's features. targets_dev: [C, W] its class targets.
+    support_idx, support_labels: [B, N*K] (`Episodes`). classes: [B, N] split classes.
+    index: [B] episode indices: episode i's draws come from fold_in(key, i).
+    ways: N. buckets: the number of step ranges.
+
+  Returns:
+    {"model", "zero", "support_means"}: each [buckets, B] mean squared noise error.
+  """
+  support = jnp.take(features_dev, support_idx, axis=0)
+  w0 = jnp.take(targets_dev, classes, axis=0)  # [B, N, W]
+  T = sched.num_steps
+  edges = [round(j * T / buckets) for j in range(buckets + 1)]
+  lo = jnp.asarray(edges[:-1], jnp.int32)
+  hi = jnp.asarray(edges[1:], jnp.int32)
+  means = jax.vmap(prototypes.class_means, (0, 0, None))(support, support_labels, ways)
+
+  def draws(i, j):
+    t_key, noise_key = jax.random.split(jax.random.fold_in(jax.random.fold_in(key, i), j))
+    t = jax.random.randint(t_key, (), lo[j], jnp.maximum(hi[j], lo[j] + 1))
+    return t, jax.random.normal(noise_key, w0.shape[1:])
+
+  out = {"model": [], "zero": [], "support_means": []}
+  for j in range(buckets):
+    t, noise = jax.vmap(lambda i: draws(i, j))(index)
+    out["model"].append(diffusion.noise_error(model, variables, sched, w0, support,
+                                              support_labels, t, noise))
+    out["zero"].append(jnp.mean(jnp.square(noise), axis=(-2, -1)))
+    w_t = diffusion.q_sample(sched, w0, t, noise)
+    scale = sched.sqrt_alphas_cumprod[t][:, None, None]
+    sigma = sched.sqrt_one_minus_alphas_cumprod[t][:, None, None]
+    if means.shape[-1] == w0.shape[-1]:  # the prototype head: m_hat is a guess of w0
+      guess = (w_t - scale * means) / sigma
+      out["support_means"].append(jnp.mean(jnp.square(guess - noise), axis=(-2, -1)))
+    else:
+      out["support_means"].append(jnp.full(t.shape, jnp.nan))
+  return {k: jnp.stack(v) for k, v in out.items()}
+
+
+def noise_error_table(model, variables, sched, feature_set, targets, sampler, count: int,
+                      batch: int, key, buckets: int = 10) -> dict:
+  """`bucket_noise_error` over episodes 0..count-1 of `sampler`, averaged per range.
+
+  Args:
+    feature_set: the split's `features.FeatureSet`; targets: [C, W] its class targets.
+    sampler: an `episodes.EpisodeSampler` of the split.
+
+  Returns:
+    {"steps": [[lo, hi), ...], "model", "zero", "support_means": [buckets] means, "n"}.
+  """
+  features_dev, targets_dev = mesh.replicate((feature_set.features, np.asarray(targets)))
+  batch = mesh.padded_size(min(batch, count))
+  parts: dict[str, list] = {}
+  for start in range(0, count, batch):
+    def rows(a, b):
+      eps = sampler.batch(start + a, b - a)
+      return eps.support, eps.support_labels, eps.classes, eps.index.astype(np.int32)
+    support, labels, classes, index = mesh.shard_rows(batch, rows)
+    m = bucket_noise_error(model, variables, sched, features_dev, targets_dev, support, labels,
+                           classes, index, key, sampler.ways, buckets)
+    keep = min(batch, count - start)
+    for name, value in m.items():
+      parts.setdefault(name, []).append(np.asarray(mesh.to_host(value))[:, :keep])
+  T = sched.num_steps
+  edges = [round(j * T / buckets) for j in range(buckets + 1)]
+  out = {name: np.concatenate(v, axis=1).astype(np.float64).mean(1).tolist()
+         for name, v in parts.items()}
+  return {"steps": [[edges[j], edges[j + 1]] for j in range(buckets)], "n": count, **out}
+
+
 def run_episodes(model, variables, sched, feature_set, sampler: episodes_lib.EpisodeSampler,
                  count: int, batch: int, key, desc: str = "episodes", progress: bool = True,
-                 dtype=None, precision=None, linear_fit=None) -> dict[str, np.ndarray]:
+                 dtype=None, precision=None, linear_fit=None,
+                 update: str = "original") -> dict[str, np.ndarray]:
   """Metrics of episodes 0..count-1 of `sampler`, `batch` at a time ([count] arrays).
 
   `feature_set` is a `features.FeatureSet` or its features already on the devices
@@ -150,7 +248,7 @@ def run_episodes(model, variables, sched, feature_set, sampler: episodes_lib.Epi
           sampler, start, batch)
       m = episode_metrics(model, variables, sched, features_dev, support, support_labels,
                           query, query_labels, index, key, sampler.ways, dtype=dtype,
-                          precision=precision, linear_fit=linear_fit)
+                          precision=precision, linear_fit=linear_fit, update=update)
       keep = min(batch, count - start)
       for name, value in m.items():
         out.setdefault(name, []).append(mesh.to_host(value)[:keep])
@@ -204,6 +302,7 @@ def evaluate_shot(config, workdir: str, shots: int, test: features.FeatureSet) -
   model, state, init_state, meta = load_denoiser(config, workdir, shots, test.features.shape[1])
   fingerprint = features.variables_fingerprint(state.ema_params)
   settings = {"ways": e.ways, "shots": shots, "queries": e.queries, "episodes": e.episodes,
+              "diagnostics": [e.diagnostic_episodes, e.diagnostic_buckets],
               "seed": config.seed, "denoiser": fingerprint, "features": test.key,
               "sampler": _sampler_settings(config), "variant": _variant_settings(config)}
   cached = os.path.join(common.stage_dir(workdir, "eval"), f"{shots}shot.json")
@@ -226,8 +325,23 @@ def evaluate_shot(config, workdir: str, shots: int, test: features.FeatureSet) -
                               e.episodes, e.batch_episodes, key,
                               desc=f"eval {shots}-shot {name}", **sampler_options(config),
                               **metric_options(config))
+  diagnostics = {}
+  if e.diagnostic_episodes and model.head == "prototype":
+    targets = np.asarray(features.class_means(test.features, test.labels, test.num_classes))
+    count = min(int(e.diagnostic_episodes), e.episodes)
+    errors = {}
+    for name, params in (("metadiff", state.ema_params), ("untrained", init_state.params)):
+      errors[name] = noise_error_table(model, {"params": params}, schedule.from_config(config),
+                                       test, targets, sampler, count, e.batch_episodes,
+                                       common.key(config, "sampling", 3),
+                                       int(e.diagnostic_buckets))
+    diagnostics["noise_error"] = {
+        "steps": errors["metadiff"]["steps"], "n": count,
+        "metadiff": errors["metadiff"]["model"], "untrained": errors["untrained"]["model"],
+        "zero": errors["metadiff"]["zero"], "support_means": errors["metadiff"]["support_means"]}
   result = {
       "settings": settings,
+      "diagnostics": diagnostics,
       "checkpoint": {"step": int(state.step), "validation": meta},
       "metadiff": {**summarize(runs["metadiff"]["accuracy"]),
                    "norm_ratio": float(runs["metadiff"]["norm_ratio"].mean()),
@@ -245,7 +359,7 @@ def evaluate_shot(config, workdir: str, shots: int, test: features.FeatureSet) -
 
 def stage(config, workdir: str) -> dict:
   """Evaluates every trained shot setting; writes WORKDIR/results.json and results.md."""
-  test = common.split_features(config, workdir, "test")
+  test = common.diffusion_features(config, common.split_features(config, workdir, "test"))
   results = {}
   for shots in config_lib.eval_shots(config):
     results[f"{shots}shot"] = evaluate_shot(config, workdir, shots, test)
@@ -276,7 +390,9 @@ def _variant_settings(config) -> dict:
   """The denoiser variant (it keys the cached per-shot results: w/o UNet has no parameters
   to fingerprint, and the linear head's norm ratio depends on its reference fit)."""
   d = config.denoiser
-  out = {"head": d.head, "gradient": d.gradient, "unet": bool(d.unet)}
+  out = {"head": d.head, "gradient": d.gradient, "unet": bool(d.unet),
+         "inputs": list(d.inputs), "prediction": d.prediction,
+         "feature_rms": config.diffusion.feature_rms}
   if d.head == "linear":
     out["linear_fit"] = list(metric_options(config)["linear_fit"])
   return out
@@ -286,7 +402,7 @@ def _sampler_settings(config) -> dict:
   """What of the sampler can change its results (it keys the cached per-shot results)."""
   d = config.diffusion
   return {"num_sampling_steps": d.num_sampling_steps or d.num_steps,
-          "dtype": d.sampler_dtype, "precision": d.sampler_precision}
+          "dtype": d.sampler_dtype, "precision": d.sampler_precision, "update": d.sampler}
 
 
 def results_table(config, results: dict) -> str:
@@ -316,6 +432,28 @@ def results_table(config, results: dict) -> str:
   if (d.head, d.gradient, bool(d.unet)) != ("prototype", "l2", True):
     unet = "with the UNet" if d.unet else "without the UNet (eps = the gradient)"
     lines.append(f"Denoiser variant: head {d.head}, gradient {d.gradient}, {unet}.")
+  variant = config_lib.variant_of(config)
+  lines.append(f"Variant: {variant or 'custom'} (docs/STABILITY.md): TCUNet inputs "
+               f"{'+'.join(d.inputs)}, {d.prediction}-prediction, {d.loss_reduction} support "
+               f"loss, {config.diffusion.sampler} sampler, features "
+               + ("as extracted." if config.diffusion.feature_rms is None
+                  else f"rescaled to RMS {config.diffusion.feature_rms:g}."))
+  return "\n".join(lines)
+
+
+def noise_error_markdown(errors: dict, title: str) -> str:
+  """The held-out noise error per range of steps (`noise_error_table`) as a Markdown table."""
+  rows = [name for name in ("metadiff", "untrained", "zero", "support_means") if name in errors]
+  labels = {"metadiff": "trained", "untrained": "untrained", "zero": "eps_hat = 0",
+            "support_means": "eps_hat from the support means"}
+  lines = [f"## {title}", "",
+           f"Mean squared error of the noise estimate on {errors['n']} test episodes, their "
+           "targets the test classes' means, at a step drawn in each range (1 is what "
+           "predicting no noise scores; docs/STABILITY.md).", "",
+           "| steps | " + " | ".join(labels[r] for r in rows) + " |",
+           "|---|" + "---|" * len(rows)]
+  for j, (lo, hi) in enumerate(errors["steps"]):
+    lines.append(f"| {lo}-{hi - 1} | " + " | ".join(f"{errors[r][j]:.4g}" for r in rows) + " |")
   return "\n".join(lines)
 
 
@@ -327,6 +465,11 @@ def results_markdown(config, workdir: str, results: dict, table: str) -> str:
     parts.append(f"- {s}: denoiser {r['settings']['denoiser']} (step "
                  f"{r['checkpoint']['step']}), test features {r['settings']['features']}")
   parts.append("")
+  for s, r in results.items():
+    errors = r.get("diagnostics", {}).get("noise_error")
+    if errors:
+      parts += [noise_error_markdown(errors, f"Held-out noise error, {s.replace('shot', '-shot')}"),
+                ""]
   for title, rel in [("Backbone pretraining", "pretrain/curves.png")] + [
       (f"Diffusion training, {s.replace('shot', '-shot')}",
        f"{os.path.basename(train_stage.run_dir(root, int(s[:-4])))}/curves.png")

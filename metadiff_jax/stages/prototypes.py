@@ -49,6 +49,18 @@ def load_targets(workdir: str, feature_set: features.FeatureSet) -> np.ndarray:
   return targets
 
 
+def diffusion_targets(config, workdir: str, base: features.FeatureSet) -> np.ndarray:
+  """[C, D] the targets of the base features as the diffusion sees them
+  (`common.diffusion_features`): this stage's file, or, for rescaled features, their class
+  means (computed here: a pass over the cache)."""
+  if config.diffusion.feature_rms is None:
+    return load_targets(workdir, base)
+  if not os.path.exists(targets_path(workdir)):  # the stage that caches the features
+    raise StageError(f"no diffusion targets in {targets_path(workdir)}; run the prototypes "
+                     "stage first (--config.stages=\"('prototypes', 'train')\")")
+  return np.asarray(features.class_means(base.features, base.labels, base.num_classes))
+
+
 def augmented_class_means(config, module, variables, data, passes: int) -> np.ndarray:
   """[C, D] class means over `passes` augmented passes of the split's images."""
   aug = common.augment_config(config)

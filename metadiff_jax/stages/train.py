@@ -56,7 +56,7 @@ def denoiser(config, feature_dim: int) -> tcunet.TCUNet:
   return tcunet.TCUNet(feature_dim=heads.weight_dim(d.head, feature_dim),
                        hidden_dims=d.hidden_dims, time_embed_dim=d.time_embed_dim,
                        loss_reduction=d.loss_reduction, head=d.head, gradient=d.gradient,
-                       unet=bool(d.unet))
+                       unet=bool(d.unet), inputs=tuple(d.inputs), prediction=d.prediction)
 
 
 def initial_state(config, feature_dim: int, shots: int):
@@ -172,9 +172,9 @@ def train_steps(model, state: DiffusionState, sched, features_dev, targets, tabl
 
 def stage(config, workdir: str) -> None:
   """Trains one denoiser per shot setting in config.train.shots."""
-  base = common.split_features(config, workdir, "train")
-  targets = prototypes_stage.load_targets(workdir, base)
-  val = common.split_features(config, workdir, "val")
+  base = common.diffusion_features(config, common.split_features(config, workdir, "train"))
+  targets = prototypes_stage.diffusion_targets(config, workdir, base)
+  val = common.diffusion_features(config, common.split_features(config, workdir, "val"))
   for shots in config.train.shots:
     train_shot(config, workdir, int(shots), base, targets, val)
 

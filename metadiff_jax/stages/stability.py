@@ -1,0 +1,405 @@
+"""Stage (optional): does the reverse process hold up? The faithful method beside its variants.
+
+    python -m metadiff_jax.main --config configs/stability.py:dataset=glyphs --workdir DIR
+
+On the pipeline's frozen features (the pretrain and prototypes stages' WORKDIR), for each shot
+setting and each variant named in config.stability.variants (`config_lib.VARIANTS`: the
+faithful original, other samplers, other TCUNet inputs, x0-prediction, rescaled features), at
+the config's learning rate and, for config.stability.lr_variants, at each of
+config.stability.learning_rates too:
+
+1. a denoiser is trained as the train stage trains one (validation every
+   config.train.val_every_steps on the same validation episodes, with the original update;
+   the best checkpoint kept), in WORKDIR/stability/denoisers/<what it trains>/; variants that
+   change only the sampler reuse the faithful denoiser;
+2. on the eval stage's test episodes (the same episodes and the same w_T for every row):
+   the accuracy (mean +- 95% CI) of its best-validated checkpoint, of its last one, and of the
+   same variant untrained, with the norm ratio (the sampled prototypes' mean norm over that of
+   the support class means; far above 1: the sampler diverged);
+3. diagnostics of its last checkpoint: the norm ratio and the accuracy along the reverse
+   trajectory (`analysis.trajectory_metrics`) beside the norm an on-track trajectory would
+   have, sqrt(abar_t |m|^2 + (1 - abar_t) W) per row (the forward process's marginal from the
+   class means), and the held-out noise error per range of steps
+   (`evaluate.noise_error_table`);
+4. the training-length curve: the validation accuracy and norm ratio at every validation.
+
+Beside them, class-mean prototypes on the same episodes. Outputs, in WORKDIR/stability/:
+stability.md (the tables), stability.json (everything), <K>shot.png (training length, the
+trajectory's norm ratio and the noise error per step range), and one JSON per row under
+<K>shot/, reused when its settings have not changed. docs/STABILITY.md is what it found.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import jax
+import numpy as np
+
+from metadiff_jax import checkpoint, config_lib, mesh, metrics, schedule
+from metadiff_jax.data import episodes as episodes_lib
+from metadiff_jax.data import features
+from metadiff_jax.stages import analysis, common, evaluate
+from metadiff_jax.stages import prototypes as prototypes_stage
+from metadiff_jax.stages import train as train_stage
+
+# What each variant changes in the paper's Eq. 7-12 (docs/STABILITY.md says why).
+DESCRIPTIONS = {
+    "faithful": "the original: the TCUNet reads g = dL/dw_t (Eq. 11) alone and predicts eps "
+                "(Eq. 12); deterministic update (Eq. 8)",
+    "ddpm": "Eq. 8 plus sigma_t z, sigma_t^2 = beta_t (DDPM's stochastic step); faithful "
+            "denoiser",
+    "ddim": "DDIM's deterministic step (eta = 0) instead of Eq. 8; faithful denoiser",
+    "weights": "the TCUNet's first block reads [g, w_t]",
+    "means": "the TCUNet's first block reads [g, m_hat] (support class means)",
+    "weights_means": "the TCUNet's first block reads [g, w_t, m_hat]",
+    "normalized": "features rescaled to RMS 1 (norm sqrt(D)) before Eq. 7-12",
+    "mean_gradient": "g is the gradient of Eq. 11 as printed, the mean over the support set, "
+                     "not the original code's sum: 1 / (N K) of its size",
+    "x0": "the network outputs w_0: Eq. 12 regresses w_0, Eq. 8 uses the eps it implies",
+    "x0_weights": "x0-prediction and the first block reads [g, w_t]",
+    "weights_normalized": "the first block reads [g, w_t], and features are rescaled to "
+                          "RMS 1 (weights + normalized)",
+    "weights_normalized_mean": "weights + normalized + mean_gradient: the first block reads "
+                               "[g, w_t], features at RMS 1, g from the mean support loss",
+    "weights_normalized_shot_mean": "weights + normalized, and g from the support loss "
+                                    "averaged within each class, 2 (w_t - m_hat) whatever K "
+                                    "(the same as weights_normalized at 1-shot)",
+}
+
+
+def stability_dir(workdir: str) -> str:
+  return common.stage_dir(workdir, "stability")
+
+
+def shots_of(config) -> tuple[int, ...]:
+  return tuple(int(k) for k in (config.stability.shots or config_lib.eval_shots(config)))
+
+
+def row_name(variant: str, learning_rate: float, default_rate: float) -> str:
+  """A row's name: the variant, with its learning rate where it is not the config's."""
+  return variant if learning_rate == default_rate else f"{variant}@lr={learning_rate:g}"
+
+
+def rows_of(config) -> list[tuple[str, str, float]]:
+  """(row, variant, learning rate) of every row, in table order."""
+  s, lr = config.stability, float(config.train.learning_rate)
+  rows = []
+  for name in s.variants:
+    rates = [lr] + ([float(r) for r in s.learning_rates if float(r) != lr]
+                    if name in s.lr_variants else [])
+    rows += [(row_name(name, r, lr), name, r) for r in rates]
+  return rows
+
+
+def variant_config(config, variant: str, learning_rate: float):
+  """The config of one row: the variant's fields, its learning rate and training steps."""
+  out = config.copy_and_resolve_references()
+  config_lib.apply_variant(out, variant)
+  out.train.learning_rate = float(learning_rate)
+  if config.stability.steps is not None:
+    out.train.steps = int(config.stability.steps)
+  return out
+
+
+def denoiser_dir(root: str, vconfig, shots: int) -> str:
+  """Where a row's denoiser lives: named by what its training depends on, so that rows that
+  change only the sampler share one (and, at 1-shot, where "shot_mean" is "sum", rows that
+  differ only in that)."""
+  d, diff = vconfig.denoiser, vconfig.diffusion
+  reduction = "sum" if (d.loss_reduction == "shot_mean" and shots == 1) else d.loss_reduction
+  name = "+".join(d.inputs) + f"_{d.prediction}_{reduction}"
+  if diff.feature_rms is not None:
+    name += f"_rms{float(diff.feature_rms):g}"
+  name += f"_lr{float(vconfig.train.learning_rate):g}_steps{int(vconfig.train.steps)}"
+  return os.path.join(stability_dir(root), "denoisers", name)
+
+
+def stage(config, workdir: str) -> dict:
+  """Runs every row of the study; writes the tables, plots and JSON."""
+  root = os.path.abspath(os.path.expanduser(workdir))
+  raw = {split: common.split_features(config, root, split) for split in ("train", "val", "test")}
+  results = {shots: study_shot(config, root, shots, raw) for shots in shots_of(config)}
+  out = stability_dir(root)
+  summary = {"dataset": config.data.name, "builder_config": config.data.builder_config,
+             "backbone": config.backbone.name, "ways": config.eval.ways,
+             "episodes": _episodes(config), "feature_dim": int(raw["train"].features.shape[1]),
+             "learning_rate": float(config.train.learning_rate),
+             "descriptions": DESCRIPTIONS}
+  if common.is_writer():
+    common.write_json(os.path.join(out, "stability.json"),
+                      {**summary, "results": {str(k): v for k, v in results.items()}})
+    text = report_markdown(config, results)
+    with open(os.path.join(out, "stability.md"), "w") as f:
+      f.write(text)
+    for shots, rows in results.items():
+      plot_shot(rows, os.path.join(out, f"{shots}shot.png"),
+                f"{config.data.name}, {config.eval.ways}-way {shots}-shot")
+    print(text, flush=True)
+  return results
+
+
+def _episodes(config) -> int:
+  return int(config.stability.episodes or config.eval.episodes)
+
+
+def study_shot(config, root: str, shots: int, raw: dict) -> dict:
+  """Every row for K = `shots`: {row: result}."""
+  e = config.eval
+  count = _episodes(config)
+  out = os.path.join(stability_dir(root), f"{shots}shot")
+  # The same episodes for every row: the labels do not depend on how features are scaled.
+  sampler = episodes_lib.EpisodeSampler(raw["test"].labels, e.ways, shots, e.queries,
+                                        config.seed, "test")
+  key = common.key(config, "sampling", 2)  # the eval stage's: the same w_T per episode
+  common_settings = {"shots": shots, "ways": e.ways, "queries": e.queries, "episodes": count,
+                     "seed": config.seed, "features": raw["test"].key}
+
+  def cached(row, settings, compute):
+    path = os.path.join(out, f"{row.replace('@', '_')}.json")
+    settings = json.loads(json.dumps({**common_settings, **settings}, default=list))
+    if os.path.exists(path):
+      with open(path) as f:
+        previous = json.load(f)
+      if previous.get("settings") == settings:
+        logging.info("stability %d-shot %s: result already in %s; skipping", shots, row, path)
+        return previous
+    result = {"settings": settings, **compute()}
+    if common.is_writer():
+      common.write_json(path, result)
+    return result
+
+  results = {"class_means": cached("class_means", {}, lambda: evaluate.summarize(
+      analysis._prototype_accuracy(  # pylint: disable=protected-access
+          mesh.replicate(raw["test"].features), sampler, count, e.batch_episodes)))}
+  for row, variant, rate in rows_of(config):
+    results[row] = variant_row(config, root, variant, rate, shots, raw, sampler, count, key,
+                               cached)
+  return results
+
+
+def variant_row(config, root, variant, rate, shots, raw, sampler, count, key, cached) -> dict:
+  """Trains (or resumes) one row's denoiser and measures it (see the module docstring)."""
+  s = config.stability
+  vconfig = variant_config(config, variant, rate)
+  data = {split: common.diffusion_features(vconfig, fs) for split, fs in raw.items()}
+  dim = int(data["train"].features.shape[1])
+  where = denoiser_dir(root, vconfig, shots)
+  if vconfig.denoiser.unet:
+    # Training, and so the validation that keeps the best checkpoint, uses the original
+    # update whatever the row samples with: rows that differ only in the sampler share one
+    # denoiser, whichever of them runs first.
+    trainer = vconfig.copy_and_resolve_references()
+    trainer.diffusion.sampler = "original"
+    targets = prototypes_stage.diffusion_targets(vconfig, root, data["train"])
+    train_stage.train_shot(trainer, where, shots, data["train"], targets, data["val"])
+  model, best, init, _ = evaluate.load_denoiser(vconfig, where, shots, dim)
+  last = _last_state(where, shots, init)
+  states = {"best": best.ema_params, "last": last.ema_params, "untrained": init.params}
+  sampler_settings = evaluate._sampler_settings(vconfig)  # pylint: disable=protected-access
+  settings = {"variant": variant, "learning_rate": rate, "steps": int(vconfig.train.steps),
+              "sampler": sampler_settings,
+              "denoisers": {k: features.variables_fingerprint(v) for k, v in states.items()},
+              "trajectory_every": int(s.trajectory_every),
+              "diagnostics": [int(s.diagnostic_episodes), int(s.diagnostic_buckets)]}
+
+  def compute():
+    sched = schedule.for_sampling(vconfig)
+    options = {**evaluate.sampler_options(vconfig), **evaluate.metric_options(vconfig)}
+    test_dev = mesh.replicate(data["test"].features)
+    result = {"description": DESCRIPTIONS.get(variant, ""),
+              "best_step": int(best.step),
+              "last_step": int(last.step)}
+    for name, params in states.items():
+      m = evaluate.run_episodes(model, {"params": params}, sched, test_dev, sampler, count,
+                                config.eval.batch_episodes, key,
+                                desc=f"stability {shots}-shot {variant} {name}",
+                                **options)
+      result[name] = {**evaluate.summarize(m["accuracy"]),
+                      "norm_ratio": float(np.mean(m["norm_ratio"])),
+                      "support_loss": float(np.mean(m["support_loss"])),
+                      "class_means": float(np.mean(m["prototype_accuracy"]))}
+    result["trajectory"] = _trajectory(vconfig, model, {"params": states["last"]}, sched,
+                                       test_dev, sampler, min(count, int(s.diagnostic_episodes)
+                                                             or count), key,
+                                       int(s.trajectory_every))
+    if s.diagnostic_episodes and model.head == "prototype":
+      test = data["test"]
+      targets = np.asarray(features.class_means(test.features, test.labels, test.num_classes))
+      tables = {name: evaluate.noise_error_table(
+          model, {"params": states[name]}, schedule.from_config(vconfig), test, targets,
+          sampler, min(count, int(s.diagnostic_episodes)), config.eval.batch_episodes,
+          common.key(config, "sampling", 3), int(s.diagnostic_buckets))
+                for name in ("last", "untrained")}
+      result["noise_error"] = {"steps": tables["last"]["steps"], "n": tables["last"]["n"],
+                               "last": tables["last"]["model"],
+                               "untrained": tables["untrained"]["model"],
+                               "zero": tables["last"]["zero"],
+                               "support_means": tables["last"]["support_means"]}
+    records = metrics.read_jsonl(os.path.join(train_stage.run_dir(where, shots),
+                                              "metrics.jsonl"))
+    result["training"] = {
+        "steps": [r["step"] for r in records if "val_accuracy" in r],
+        "val_accuracy": [r["val_accuracy"] for r in records if "val_accuracy" in r],
+        "val_norm_ratio": [r["val_norm_ratio"] for r in records if "val_accuracy" in r],
+        "val_class_means": [r.get("val_prototype_accuracy") for r in records
+                            if "val_accuracy" in r],
+        "loss_steps": [r["step"] for r in records if "loss" in r],
+        "loss": [r["loss"] for r in records if "loss" in r]}
+    return result
+
+  return cached(row_name(variant, rate, float(config.train.learning_rate)), settings, compute)
+
+
+def _last_state(where: str, shots: int, init):
+  """The denoiser's last checkpoint (its EMA parameters are what "last" reports)."""
+  if not jax.tree_util.tree_leaves(init.params):
+    return init
+  store = checkpoint.Checkpoints(os.path.join(train_stage.run_dir(where, shots), "checkpoints"),
+                                 max_to_keep=2)
+  try:
+    state, _ = store.restore(init)
+  finally:
+    store.close()
+  return state
+
+
+def _trajectory(vconfig, model, variables, sched, test_dev, sampler, count, key,
+                every) -> dict:
+  """Mean accuracy and norm ratio along the reverse trajectory, with the on-track norm."""
+  if sched.num_steps % every:
+    every = 1
+  batch = mesh.padded_size(min(vconfig.eval.batch_episodes, count))
+  acc, norm, ref = [], [], []
+  for start in range(0, count, batch):
+    arrays = common.sharded_episodes(sampler, start, batch)
+    m = analysis.trajectory_metrics(model, variables, sched, test_dev, *arrays, key,
+                                    ways=sampler.ways, every=every,
+                                    update=vconfig.diffusion.sampler)
+    keep = min(batch, count - start)
+    acc.append(mesh.to_host(m["accuracy"])[:keep])
+    norm.append(mesh.to_host(m["norm"])[:keep])
+    ref.append(mesh.to_host(m["reference_norm"])[:keep])
+  acc, norm, ref = (np.concatenate(x).astype(np.float64) for x in (acc, norm, ref))
+  k = sched.num_steps
+  taken = np.arange(norm.shape[1]) * every
+  # After n reverse steps the weights should be at the noise level of step K - 1 - n
+  # (abar = 1 once all K are taken): per row, E|w|^2 = abar |m|^2 + (1 - abar) W.
+  abar = np.where(taken < k, np.asarray(sched.alphas_cumprod, np.float64)[
+      np.clip(k - 1 - taken, 0, k - 1)], 1.0)
+  width = model.feature_dim
+  on_track = np.sqrt(abar[None] * ref[:, None] ** 2 + (1 - abar[None]) * width) / ref[:, None]
+  return {"steps": taken.tolist(), "accuracy": acc.mean(0).tolist(),
+          "norm_ratio": (norm / ref[:, None]).mean(0).tolist(),
+          "on_track_norm_ratio": on_track.mean(0).tolist(), "n": int(count)}
+
+
+# ----------------------------------------------------------------------------- reports
+
+def _cell(r: dict) -> str:
+  return f"{100 * r['mean']:.2f} ± {100 * r['ci95']:.2f}"
+
+
+def report_markdown(config, results: dict) -> str:
+  """stability.md: per shot setting, the accuracy table, the learning rates, the diagnostics."""
+  ways = config.eval.ways
+  lines = [f"# Stability study: {config.data.name}, {config.backbone.name}, {ways}-way", "",
+           f"{_episodes(config)} test episodes (the same for every row, and the same w_T), "
+           "mean ± 1.96·std/√n in %. *best*: the checkpoint with the best validation "
+           "accuracy (at the step given); *last*: the last one. Norm ratio: the sampled "
+           "prototypes' mean norm over that of the support class means (far above 1: the "
+           "sampler diverged). Learning rate "
+           f"{float(config.train.learning_rate):g} unless the row says otherwise.", ""]
+  for shots, rows in results.items():
+    lines += [f"## {ways}-way {shots}-shot", "",
+              "| Variant | best | (step) | last | norm ratio, last | untrained | "
+              "norm ratio, untrained |", "|---|---|---|---|---|---|---|",
+              f"| class-mean prototypes | {_cell(rows['class_means'])} | | | 1 | | |"]
+    for name, r in rows.items():
+      if name == "class_means":
+        continue
+      lines.append(f"| {name} | {_cell(r['best'])} | {r['best_step']} | {_cell(r['last'])} "
+                   f"| {r['last']['norm_ratio']:.3g} | {_cell(r['untrained'])} | "
+                   f"{r['untrained']['norm_ratio']:.3g} |")
+    lines += ["", f"### Training length, {shots}-shot: validation accuracy (%) and norm ratio",
+              "", "Validation (with the original update) every few hundred steps; the rows "
+              "that change only the sampler share the faithful denoiser and its curve.", ""]
+    named = [(n, r) for n, r in rows.items() if n != "class_means"
+             and r["settings"]["sampler"]["update"] == "original"]
+    steps = sorted({st for _, r in named for st in r["training"]["steps"]})
+    lines += ["| Variant | " + " | ".join(str(st) for st in steps) + " |",
+              "|---|" + "---|" * len(steps)]
+    for n, r in named:
+      by_step = dict(zip(r["training"]["steps"],
+                         zip(r["training"]["val_accuracy"], r["training"]["val_norm_ratio"])))
+      cells = [f"{100 * by_step[st][0]:.1f} ({by_step[st][1]:.2g})" if st in by_step else ""
+               for st in steps]
+      lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    errors = [(n, r["noise_error"]) for n, r in rows.items()
+              if n != "class_means" and "noise_error" in r
+              and r["settings"]["sampler"]["update"] == "original"]
+    if errors:
+      first = errors[0][1]
+      lines += ["", f"### Held-out noise error, {shots}-shot (last checkpoint)", "",
+                "Mean squared error of the noise estimate per range of steps, on test "
+                "episodes whose targets are the test classes' means (1: predicting no "
+                "noise; *support means*: the exact noise were the target the support class "
+                "means). The noise estimate does not depend on the sampler.", "",
+                "| Variant | " + " | ".join(f"{lo}-{hi - 1}" for lo, hi in first["steps"]) + " |",
+                "|---|" + "---|" * len(first["steps"])]
+      for n, err in errors:
+        lines.append(f"| {n} | " + " | ".join(f"{v:.3g}" for v in err["last"]) + " |")
+      lines.append("| *support means* | " + " | ".join(f"{v:.3g}"
+                                                       for v in first["support_means"]) + " |")
+    lines.append("")
+  lines += ["## Variants", ""] + [f"- **{n}**: {d}" for n, d in DESCRIPTIONS.items()
+                                  if n in config.stability.variants] + [""]
+  return "\n".join(lines)
+
+
+def plot_shot(rows: dict, path: str, title: str) -> None:
+  """Training length, the trajectory's norm ratio and the noise error, one line per row."""
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  fig = Figure(figsize=(18, 5), layout="constrained")
+  ax_val, ax_traj, ax_err = fig.subplots(1, 3)
+  named = [(n, r) for n, r in rows.items() if n != "class_means"]
+  colors = matplotlib.colormaps["tab20"].colors
+  for i, (n, r) in enumerate(named):
+    style = {"color": colors[i % len(colors)], "label": n,
+             "ls": "--" if "@" in n else "-"}  # dashed: another learning rate
+    t = r["training"]
+    if t["steps"] and r["settings"]["sampler"]["update"] == "original":
+      ax_val.plot(t["steps"], 100 * np.asarray(t["val_accuracy"]), marker=".", **style)
+    tr = r["trajectory"]
+    ax_traj.plot(tr["steps"], tr["norm_ratio"], **style)
+    if "noise_error" in r and r["settings"]["sampler"]["update"] == "original":
+      err = r["noise_error"]
+      ax_err.plot([lo for lo, _ in err["steps"]], err["last"], marker=".", **style)
+  if named:
+    tr = named[0][1]["trajectory"]
+    ax_traj.plot(tr["steps"], tr["on_track_norm_ratio"], "k--", label="on track")
+    err = next((r["noise_error"] for _, r in named if "noise_error" in r), None)
+    if err:
+      ax_err.plot([lo for lo, _ in err["steps"]], err["support_means"], "k--",
+                  label="support means")
+      ax_err.axhline(1.0, color="gray", lw=0.8, label="eps_hat = 0")
+  ax_val.set(xlabel="training step", ylabel="validation accuracy (%)",
+             title="training length")
+  ax_traj.set(xlabel="reverse steps taken", ylabel="norm / support means' norm",
+              title="reverse trajectory (last checkpoint)", yscale="log")
+  ax_err.set(xlabel="diffusion step t (range start)", ylabel="noise MSE",
+             title="held-out noise error (last checkpoint)", yscale="log")
+  reference = next((r["training"]["val_class_means"] for _, r in named
+                    if r["training"].get("val_class_means")), None)
+  if reference and reference[0] is not None:  # the same validation episodes, class means
+    ax_val.axhline(100 * reference[0], color="k", lw=0.8, ls=":", label="class means")
+  for ax in (ax_val, ax_traj, ax_err):
+    ax.grid(alpha=0.3)
+  ax_traj.legend(fontsize=7, loc="upper left")
+  ax_val.legend(fontsize=7, loc="lower left")
+  ax_err.legend(fontsize=7, loc="lower left")
+  fig.suptitle(f"Stability: {title}")
+  fig.savefig(path, format="png", dpi=100)
