@@ -6,8 +6,10 @@
 Sized for the README's demo (under 10 minutes on a 2-core CPU, install included). It runs
 the recommended variant, `weights_normalized_shot_mean` (docs/STABILITY.md); `:variant=faithful`
 runs the paper's method as published. Measured on a 2-core Xeon VM, CPU only: the four
-stages took 3 min 50 s with the faithful variant (pretrain 102 s, prototypes 4 s, train 90 s,
-eval 33 s). With the recommended variant it printed, on 600 test episodes (mean +- 95% CI):
+stages took 3 min 50 s alone with the faithful variant (pretrain 102 s, prototypes 4 s, train
+90 s, eval 33 s), and 6 min 13 s with the recommended one while a test run shared the two
+cores (7 min 16 s from a fresh clone, install and dataset build included). It printed, on
+600 test episodes (mean +- 95% CI):
 
     method                          5-way 1-shot     5-way 5-shot
     MetaDiff (trained TCUNet, EMA)  98.48 +- 0.24%   99.82 +- 0.06%
