@@ -31,7 +31,6 @@ mean +- 95% CI; docs/REPRODUCTION.md has all of it and what it means):
 import os
 
 from metadiff_jax import config_lib
-from metadiff_jax.errors import ConfigError
 
 # dataset preset -> (its config file's dataset part, default backbone)
 DATASETS = {"glyphs": ("glyphs", "conv4"), "miniimagenet": ("miniimagenet", "resnet12"),
@@ -39,28 +38,13 @@ DATASETS = {"glyphs": ("glyphs", "conv4"), "miniimagenet": ("miniimagenet", "res
             "cifar_fs": ("cifar_fs", "resnet12"), "fc100": ("fc100", "resnet12")}
 
 
-def _dataset_config(name: str, arg: str):
-  """get_config(arg) of configs/<name>.py, the dataset's pipeline config."""
-  here = os.path.dirname(os.path.abspath(__file__))
-  return config_lib.load_config_file(os.path.join(here, f"{name}.py"), arg)
-
-
 def get_config(arg=None):
-  presets = config_lib.parse_arg(arg)
-  dataset = presets.pop("dataset", "glyphs")
-  if dataset not in DATASETS:
-    raise ConfigError(f"unknown dataset preset {dataset!r}; choose from "
-                      f"{', '.join(DATASETS)}")
-  prefix, backbone = DATASETS[dataset]
-  backbone = presets.pop("backbone", backbone)
   # The paper's method, whatever the configs recommend (docs/STABILITY.md); `variant=NAME`
   # analyses another.
-  variant = presets.pop("variant", "faithful")
-  # The remaining presets (shot=...) go to the dataset's config, which checks them.
-  config = _dataset_config(f"{prefix}_{backbone}", ",".join(f"{k}={v}"
-                                                          for k, v in presets.items()))
+  config, dataset, own = config_lib.dataset_pipeline_config(
+      arg, DATASETS, os.path.dirname(os.path.abspath(__file__)), own={"variant": "faithful"})
   config.stages = ("pretrain", "prototypes", "train", "analysis")
-  config_lib.apply_variant(config, variant)
+  config_lib.apply_variant(config, own["variant"])
   a = config.analysis
   if dataset == "glyphs":
     # Sized for a 2-core CPU (docs/REPRODUCTION.md has the time it took). The ablation

@@ -19,7 +19,6 @@ Presets (comma-separated after the colon):
 import os
 
 from metadiff_jax import config_lib
-from metadiff_jax.errors import ConfigError
 
 # dataset preset -> (its config file's dataset part, default backbone)
 DATASETS = {"glyphs": ("glyphs", "conv4"), "textures": ("textures", "conv4"),
@@ -28,22 +27,9 @@ DATASETS = {"glyphs": ("glyphs", "conv4"), "textures": ("textures", "conv4"),
             "cifar_fs": ("cifar_fs", "resnet12"), "fc100": ("fc100", "resnet12")}
 
 
-def _dataset_config(name: str, arg: str):
-  """get_config(arg) of configs/<name>.py, the dataset's pipeline config."""
-  here = os.path.dirname(os.path.abspath(__file__))
-  return config_lib.load_config_file(os.path.join(here, f"{name}.py"), arg)
-
-
 def get_config(arg=None):
-  presets = config_lib.parse_arg(arg)
-  dataset = presets.pop("dataset", "glyphs")
-  if dataset not in DATASETS:
-    raise ConfigError(f"unknown dataset preset {dataset!r}; choose from "
-                      f"{', '.join(DATASETS)}")
-  prefix, backbone = DATASETS[dataset]
-  backbone = presets.pop("backbone", backbone)
-  config = _dataset_config(f"{prefix}_{backbone}", ",".join(f"{k}={v}"
-                                                          for k, v in presets.items()))
+  config, dataset, _ = config_lib.dataset_pipeline_config(
+      arg, DATASETS, os.path.dirname(os.path.abspath(__file__)))
   config.stages = ("pretrain", "prototypes", "stability")
   if dataset in ("glyphs", "textures"):
     # Sized for a 2-core CPU (docs/STABILITY.md has the time it took): 3,000 steps a

@@ -513,9 +513,7 @@ def _check_device_split(config) -> None:
 
 
 def load_config_file(path: str, arg: str | None = None, what: str = "pipeline config"):
-  """`get_config(arg)` of the config file at `path` (e.g. a dataset's pipeline config, which
-  configs/paper_analysis.py and configs/stability.py build on); a ConfigError if it is
-  missing."""
+  """`get_config(arg)` of the config file at `path`; a ConfigError if it is missing."""
   import importlib.util  # pylint: disable=g-import-not-at-top
   import os  # pylint: disable=g-import-not-at-top
   if not os.path.exists(path):
@@ -526,6 +524,36 @@ def load_config_file(path: str, arg: str | None = None, what: str = "pipeline co
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(arg)
+
+
+def dataset_pipeline_config(arg: str | None, datasets: dict, config_dir: str,
+                            own: dict | None = None):
+  """The pipeline config of the dataset that `arg`'s presets name, for configs that build on
+  one (configs/paper_analysis.py, configs/stability.py).
+
+  Args:
+    arg: the presets after the colon: dataset=NAME (default glyphs), backbone=NAME, the
+      caller's `own` presets, and the rest (shot=...) for the dataset's config, which checks
+      them.
+    datasets: dataset preset -> (its config file's dataset part, default backbone).
+    config_dir: where configs/<dataset>_<backbone>.py live.
+    own: the caller's presets and their defaults, taken out of `arg`.
+
+  Returns:
+    (config, dataset preset, {own preset: value}).
+  """
+  import os  # pylint: disable=g-import-not-at-top
+  presets = parse_arg(arg)
+  dataset = presets.pop("dataset", "glyphs")
+  if dataset not in datasets:
+    raise ConfigError(f"unknown dataset preset {dataset!r}; choose from "
+                      f"{', '.join(datasets)}")
+  prefix, backbone = datasets[dataset]
+  backbone = presets.pop("backbone", backbone)
+  mine = {name: presets.pop(name, default) for name, default in (own or {}).items()}
+  config = load_config_file(os.path.join(config_dir, f"{prefix}_{backbone}.py"),
+                            ",".join(f"{k}={v}" for k, v in presets.items()))
+  return config, dataset, mine
 
 
 def stages_of(config) -> tuple[str, ...]:

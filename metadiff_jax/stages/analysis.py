@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import os
 
@@ -166,18 +165,9 @@ def analyse_shot(config, root: str, shots: int, data: _Data, parts: set) -> dict
                      "seed": config.seed, "features": data.test.key}
 
   def cached(row, settings, compute):
-    path = os.path.join(out, f"{row}.json")
-    settings = {**common_settings, **settings}
-    if os.path.exists(path):
-      with open(path) as f:
-        previous = json.load(f)
-      if previous.get("settings") == settings:
-        logging.info("analysis %d-shot %s: result already in %s; skipping", shots, row, path)
-        return previous
-    result = {"settings": settings, **compute()}
-    if common.is_writer():
-      common.write_json(path, result)
-    return result
+    return common.cached_result(os.path.join(out, f"{row}.json"),
+                                {**common_settings, **settings}, compute,
+                                f"analysis {shots}-shot {row}")
 
   if "class_means" in wanted:
     results["class_means"] = cached("class_means", {}, lambda: evaluate.summarize(

@@ -74,6 +74,26 @@ def write_json(path: str, obj) -> None:
   os.replace(tmp, path)
 
 
+def cached_result(path: str, settings: dict, compute, what: str) -> dict:
+  """The result JSON at `path` if it was written with these `settings`, else
+  {"settings": settings, **compute()}, written there (by the writer process).
+
+  `settings` are compared as JSON would store them (tuples as lists), so a result written
+  by an earlier run is found again. `what` names it in the log line of a reuse.
+  """
+  settings = json.loads(json.dumps(settings, default=_json_default))
+  if os.path.exists(path):
+    with open(path) as f:
+      previous = json.load(f)
+    if previous.get("settings") == settings:
+      logging.info("%s: result already in %s; skipping", what, path)
+      return previous
+  result = {"settings": settings, **compute()}
+  if is_writer():
+    write_json(path, result)
+  return result
+
+
 def _json_default(x):
   if isinstance(x, (np.integer, np.floating)):
     return x.item()

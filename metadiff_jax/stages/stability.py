@@ -31,8 +31,6 @@ trajectory's norm ratio and the noise error per step range), and one JSON per ro
 
 from __future__ import annotations
 
-import json
-import logging
 import os
 
 import jax
@@ -158,18 +156,9 @@ def study_shot(config, root: str, shots: int, raw: dict) -> dict:
                      "seed": config.seed, "features": raw["test"].key}
 
   def cached(row, settings, compute):
-    path = os.path.join(out, f"{row.replace('@', '_')}.json")
-    settings = json.loads(json.dumps({**common_settings, **settings}, default=list))
-    if os.path.exists(path):
-      with open(path) as f:
-        previous = json.load(f)
-      if previous.get("settings") == settings:
-        logging.info("stability %d-shot %s: result already in %s; skipping", shots, row, path)
-        return previous
-    result = {"settings": settings, **compute()}
-    if common.is_writer():
-      common.write_json(path, result)
-    return result
+    return common.cached_result(os.path.join(out, f"{row.replace('@', '_')}.json"),
+                                {**common_settings, **settings}, compute,
+                                f"stability {shots}-shot {row}")
 
   results = {"class_means": cached("class_means", {}, lambda: evaluate.summarize(
       analysis._prototype_accuracy(  # pylint: disable=protected-access
