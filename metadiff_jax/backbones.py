@@ -2,7 +2,7 @@
 
 - `Conv4`: ProtoNet's four conv-BN-ReLU-maxpool blocks; the features are the flattened final
   map (32x32 -> 2x2x64 = 256, 84x84 -> 5x5x64 = 1600).
-- `ResNet12`: the ResNet12 of MetaOptNet that MetaDiff uses (64-128-256-512 channels, 512-d
+- `ResNet12`: the few-shot ResNet12 as MetaDiff uses it (64-128-256-512 channels, 512-d
   features), with the wide variant (64-160-320-640, DropBlock 0.1) by `make("resnet12_wide")`.
   Its parameter tree mirrors the PyTorch names, so `torch_import.resnet12_variables_from_torch`
   maps a checkpoint one to one:
@@ -144,15 +144,15 @@ class _ResidualBlock(nn.Module):
     if self.activate_sum:
       out = nn.leaky_relu(out, _LEAKY_SLOPE)
     out = _max_pool_2x2(out)
-    # After the pool, where MetaOptNet's code (and so MetaDiff's) applies it: the block size
-    # then counts units of the map the next block sees.
+    # After the pool, where MetaOptNet's code applies it (MetaDiff's models/resnet12_2.py has
+    # no DropBlock): the block size then counts units of the map the next block sees.
     if train and self.dropblock_rate > 0:
       out = drop_block(out, self.dropblock_rate, self.dropblock_size, self.make_rng("dropout"))
     return out
 
 
 class ResNet12(nn.Module):
-  """The ResNet12 of MetaOptNet / MetaDiff (see the module docstring for parameter names).
+  """The ResNet12 of MetaDiff / Meta-Baseline / MetaOptNet (module docstring: parameter names).
 
   Each of the four blocks: three 3x3 convolutions (no bias, padding 1) with BatchNorm (eps
   1e-5), LeakyReLU(0.1) after the first two, a 1x1 conv + BatchNorm shortcut added after the
@@ -166,8 +166,10 @@ class ResNet12(nn.Module):
 
   Attributes:
     widths: the channels of the four blocks; (64, 160, 320, 640) for the wide variant.
-    activate_last: LeakyReLU after the fourth block's sum: False for MetaDiff's (and
-      MetaOptNet's) checkpoints, True for Meta-Baseline's.
+    activate_last: LeakyReLU after the fourth block's sum: False for the original MetaDiff's
+      checkpoints (its models/resnet12_2.py leaves that sum unactivated), True for
+      Meta-Baseline's, MetaOptNet's and FEAT's, whose blocks all activate after the sum
+      (docs/IMPORTING.md).
     dropblock_rate: the fraction of units DropBlock drops in training (0 turns it off).
     dropblock_size: the side of a dropped square, in units of the pooled map.
     dropblock_blocks: 0-based indices of the blocks followed by DropBlock.

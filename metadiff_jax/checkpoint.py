@@ -149,6 +149,26 @@ class Checkpoints:
       raise ValueError(self._mismatch(step, first_line)) from e
     return restored[_STATE], dict(restored[_METADATA] or {})
 
+  def restore_saved(self, step: int | None = None) -> tuple[Any, dict]:
+    """Restores a step as it was saved, without a template: nested dicts of arrays.
+
+    For readers that need part of a state whose full template they cannot build (`predict`
+    takes the backbone out of a pretraining state without the dataset that sized its head).
+
+    Returns:
+      (tree, metadata): dataclasses and named tuples come back as dicts of their fields.
+
+    Raises:
+      FileNotFoundError: if there is no such checkpoint.
+    """
+    step = self._existing_step(step)
+    restored = self._manager.restore(
+        step, args=ocp.args.Composite(**{
+            _STATE: ocp.args.StandardRestore(),
+            _METADATA: ocp.args.JsonRestore(),
+        }))
+    return restored[_STATE], dict(restored[_METADATA] or {})
+
   def metadata(self, step: int | None = None) -> dict:
     """The metadata dict saved with a step (the latest when None), without reading arrays.
 

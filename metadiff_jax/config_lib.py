@@ -556,6 +556,67 @@ def dataset_pipeline_config(arg: str | None, datasets: dict, config_dir: str,
   return config, dataset, mine
 
 
+WORKDIR_CONFIG = "config.json"
+
+
+def from_dict(values: dict) -> ml_collections.ConfigDict:
+  """The locked config of a dict written by `config.to_dict()` (a workdir's config.json).
+
+  JSON stores tuples as lists; they become tuples again, as the config files write them (the
+  modules built from a config are static arguments of `jax.jit` and must be hashable). A None
+  that `base_config` declares as a typed placeholder becomes that placeholder again, so that a
+  command-line override (`--config.diffusion.num_sampling_steps=100`) can still set it.
+  """
+  def tuples(value):
+    if isinstance(value, dict):
+      return {k: tuples(v) for k, v in value.items()}
+    if isinstance(value, list):
+      return tuple(tuples(v) for v in value)
+    return value
+
+  def typed_nones(config, template):
+    for name in list(config.keys()):
+      if name not in template:
+        continue
+      value = config[name]
+      if isinstance(value, ml_collections.ConfigDict):
+        if isinstance(template[name], ml_collections.ConfigDict):
+          typed_nones(value, template[name])
+      elif value is None:
+        field_type = template.get_ref(name).get_type()
+        if field_type not in (None, type(None)):
+          config[name] = config_dict.placeholder(field_type)
+
+  config = ml_collections.ConfigDict(tuples(values))
+  typed_nones(config, base_config())
+  config.lock()
+  return config
+
+
+def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a run in `workdir` was last invoked with (WORKDIR/config.json), locked.
+
+  Raises:
+    ConfigError: if the workdir has none (no run was started there) or it cannot be read.
+  """
+  import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  path = os.path.join(os.path.abspath(os.path.expanduser(workdir)), WORKDIR_CONFIG)
+  if not os.path.exists(path):
+    raise ConfigError(f"no {WORKDIR_CONFIG} in {os.path.dirname(path)}: it is not the workdir "
+                      "of a run; give the --workdir of a trained run (python -m "
+                      "metadiff_jax.main) or of an import (python -m metadiff_jax.import_torch)")
+  try:
+    with open(path) as f:
+      values = json.load(f)
+  except (OSError, ValueError) as e:
+    raise ConfigError(f"cannot read {path} ({e}); rerun the pipeline in that workdir to "
+                      "rewrite it") from None
+  if not isinstance(values, dict):
+    raise ConfigError(f"{path} does not hold a config; rerun the pipeline in that workdir")
+  return from_dict(values)
+
+
 def stages_of(config) -> tuple[str, ...]:
   """config.stages as a tuple of stage names."""
   return tuple(config.stages)

@@ -8,9 +8,12 @@ y = x W^T + b). A checkpoint of the original's diffusion wrapper stores them as
 `module.` prefix. All of these layouts are accepted.
 
 The backbone: `resnet12_variables_from_torch` maps a ResNet12 state dict (`layerL.convC.weight`,
-`layerL.bnC.*`, `layerL.downsample.{0,1}.*`) onto `backbones.ResNet12`'s variables, and
-`load_backbone_file` reads one from a file and checks it against the configured model with
-`check_variables_fit`.
+`layerL.bnC.*`, `layerL.downsample.{0,1}.*`, or the same under `layerL.0.` where each layer is
+an `nn.Sequential` of one block, as MetaOptNet and FEAT write it) onto `backbones.ResNet12`'s
+variables, and `load_backbone_file` reads one from a file and checks it against the configured
+model with `check_variables_fit`. `read_checkpoint` reads a whole file once;
+`head_state_dict` and `backbone_state_dict` find the two parts in it (`import_torch` writes
+them into a workdir; docs/IMPORTING.md lists the layouts).
 
 Only reading a `.pth` file needs PyTorch (`pip install 'metadiff_jax[torch]'`); the converters
 take dicts of numpy arrays or torch tensors.
@@ -180,7 +183,8 @@ def _check_schedule_buffers(tensors, schedule: Schedule, atol: float):
           f"(T = {schedule.num_steps}); build the schedule the checkpoint was trained with")
 
 
-# The backbone: ResNet12 (models/resnet12_2.py of the original, MetaOptNet's network).
+# The backbone: ResNet12 (models/resnet12_2.py of the original MetaDiff; Meta-Baseline's,
+# MetaOptNet's and FEAT's name their parameters the same way, up to prefixes).
 
 _RESNET12_LAYERS = 4
 # (PyTorch conv, PyTorch BatchNorm, flax conv, flax BatchNorm) within each `layerL`.
@@ -192,11 +196,15 @@ _RESNET12_UNITS = (
 _BATCH_NORM_FIELDS = (("weight", "params", "scale"), ("bias", "params", "bias"),
                       ("running_mean", "batch_stats", "mean"),
                       ("running_var", "batch_stats", "var"))
-# Where whole-model checkpoints keep the backbone: the original MetaDiff saves
-# {'embedding': backbone, 'head': ...}; common trainers use the others. Meta-Baseline prefixes
-# its backbone's names with `encoder.`.
-_BACKBONE_ENTRIES = ("embedding", "state_dict", "model", "model_state_dict", "model_sd")
+# Where whole-model checkpoints keep the backbone: the original MetaDiff and MetaOptNet save
+# {'embedding': backbone, 'head': ...}, Meta-Baseline {'model_sd': ...} and FEAT
+# {'params': ...}; common trainers use the others. Meta-Baseline and FEAT prefix the backbone's
+# names with `encoder.`.
+_BACKBONE_ENTRIES = ("embedding", "state_dict", "model", "model_state_dict", "model_sd",
+                     "params")
 _BACKBONE_PREFIXES = ("embedding.", "encoder.")
+# `layerL.0.` where a layer is an nn.Sequential holding its one block (MetaOptNet, FEAT).
+_BLOCK_INDEX = re.compile(r"^(layer[1-4])\.0\.")
 _FIT_HINT = "set config.backbone.name/widths to the checkpoint's architecture"
 
 
@@ -207,8 +215,8 @@ def resnet12_variables_from_torch(state_dict: Mapping[str, Any]) -> dict:
     state_dict: name -> tensor (numpy array or torch tensor) with the original's names:
       `layerL.convC.weight` [out, in, 3, 3], `layerL.bnC.{weight, bias, running_mean,
       running_var}`, `layerL.downsample.0.weight` [out, in, 1, 1], `layerL.downsample.1.*`
-      (L = 1..4, C = 1..3), optionally under DataParallel's `module.`; `num_batches_tracked`
-      entries are ignored.
+      (L = 1..4, C = 1..3), or the same under `layerL.0.` (`has_block_index`), optionally
+      under DataParallel's `module.`; `num_batches_tracked` entries are ignored.
 
   Returns:
     {"params": {"layerL": {"convC": {"kernel": [3, 3, in, out]}, "bnC": {"scale", "bias"},
@@ -216,7 +224,7 @@ def resnet12_variables_from_torch(state_dict: Mapping[str, Any]) -> dict:
     "downsample_bn"}}} as float32 numpy arrays. The widths are the checkpoint's; compare them
     with the configured model's by `check_variables_fit`.
   """
-  tensors = {_strip_module(k): _to_numpy(v) for k, v in state_dict.items()}
+  tensors = {_strip_block_index(_strip_module(k)): _to_numpy(v) for k, v in state_dict.items()}
   used = set()
 
   def take(name):
@@ -279,13 +287,23 @@ def check_variables_fit(expected, actual, what: str = "the checkpoint",
                        f"expects {mine}; {hint}")
 
 
+def check_backbone_fits(module, image_shape, variables, what: str = "the checkpoint",
+                        hint: str = _FIT_HINT) -> None:
+  """`check_variables_fit` against the variables `module` has for images of `image_shape`
+  (H, W, C), computed from shapes alone (no initialisation is run)."""
+  images = jax.ShapeDtypeStruct((1, *(int(d) for d in image_shape)), np.float32)
+  template = jax.eval_shape(lambda x: module.init(jax.random.key(0), x, train=False), images)
+  check_variables_fit(template, variables, what, hint)
+
+
 def load_backbone_file(path, template_variables, trusted: bool = False) -> dict:
   """Reads a ResNet12 backbone from a `.pth` (needs PyTorch) or `.npz` file.
 
   The file may hold the backbone's state dict itself, or a whole-model checkpoint with it
   under `embedding` (the original MetaDiff's `{'embedding': ..., 'head': ...}`), `state_dict`,
-  `model`, `model_state_dict` or `model_sd`, or flat names prefixed `embedding.` or `encoder.`;
-  DataParallel's `module.` may appear anywhere. An `.npz` holds flat PyTorch names.
+  `model`, `model_state_dict`, `model_sd` or `params`, or flat names prefixed `embedding.` or
+  `encoder.`; DataParallel's `module.` may appear anywhere, and each layer's names may carry a
+  block index (`layerL.0.`). An `.npz` holds flat PyTorch names.
 
   Args:
     path: the file.
@@ -296,9 +314,7 @@ def load_backbone_file(path, template_variables, trusted: bool = False) -> dict:
   Returns:
     {"params": ..., "batch_stats": ...} as numpy arrays, as `resnet12_variables_from_torch`.
   """
-  checkpoint = _read_npz(path) if str(path).endswith(".npz") else _read_torch_checkpoint(
-      path, trusted)
-  state_dict = _backbone_state_dict(checkpoint, path)
+  state_dict = _backbone_state_dict(read_checkpoint(path, trusted), path)
   try:
     variables = resnet12_variables_from_torch(state_dict)
   except KeyError as err:
@@ -324,6 +340,60 @@ def _backbone_state_dict(checkpoint, path) -> dict:
     if any(k.startswith(prefix) for k in tensors):
       return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
   return tensors
+
+
+def read_checkpoint(path, trusted: bool = False):
+  """The contents of a checkpoint file: a `.npz` as a flat dict of arrays (PyTorch names such
+  as `embedding.module.layer1.conv1.weight`), anything else via `torch.load` (needs PyTorch).
+
+  Raises:
+    FileNotFoundError: no such file.
+    ImportError: a `.pth` file where PyTorch is not installed (the message says what to do).
+    ValueError: a file that cannot be read as either.
+  """
+  return _read_npz(path) if str(path).endswith(".npz") else _read_torch_checkpoint(path, trusted)
+
+
+def backbone_state_dict(checkpoint, path) -> dict:
+  """The backbone's flat name -> tensor dict in a checkpoint's contents (`read_checkpoint`),
+  in any layout `load_backbone_file` takes, `encoder.`/`embedding.` prefixes removed."""
+  return _backbone_state_dict(checkpoint, path)
+
+
+def head_state_dict(checkpoint, path) -> dict:
+  """The MetaDiff head's flat name -> tensor dict in a checkpoint's contents.
+
+  Takes the `head` entry of the original's {'embedding': ..., 'head': ...} (or of a
+  `state_dict`/`model_state_dict` wrapper around it), the `head.`-prefixed names of a flattened
+  `.npz` of that layout, or else the whole dict as the head's own state dict.
+
+  Raises:
+    ValueError: the file holds no dict of tensors.
+  """
+  for key in ("state_dict", "model_state_dict"):
+    if isinstance(checkpoint, Mapping) and isinstance(checkpoint.get(key), Mapping):
+      checkpoint = checkpoint[key]
+  if not isinstance(checkpoint, Mapping):
+    raise ValueError(f"{path} holds a {type(checkpoint).__name__}, not a state dict")
+  if isinstance(checkpoint.get("head"), Mapping):
+    checkpoint = checkpoint["head"]
+  elif any(str(k).startswith("head.") for k in checkpoint):
+    checkpoint = {k[len("head."):]: v for k, v in checkpoint.items() if str(k).startswith("head.")}
+  tensors = {k: v for k, v in checkpoint.items() if hasattr(v, "shape")}
+  if not tensors:
+    raise ValueError(f"{path} holds no tensors where the head's state dict was expected; its "
+                     f"entries: {sorted(map(str, checkpoint))[:6]}")
+  return tensors
+
+
+def has_block_index(state_dict: Mapping[str, Any]) -> bool:
+  """Whether a ResNet12 state dict names its layers `layerL.0.*` (MetaOptNet, FEAT) rather than
+  `layerL.*` (MetaDiff, Meta-Baseline)."""
+  return any(_BLOCK_INDEX.match(_strip_module(k)) for k in state_dict)
+
+
+def _strip_block_index(key: str) -> str:
+  return _BLOCK_INDEX.sub(r"\1.", key)
 
 
 def _leaf_shapes(tree) -> dict:

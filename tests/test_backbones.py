@@ -7,47 +7,11 @@ import numpy as np
 import pytest
 from numpy.lib.stride_tricks import sliding_window_view
 
-from conftest import DATA, assert_close_to_scale
+from conftest import assert_close_to_scale
 from metadiff_jax import backbones, torch_import
 
+
 SMALL_WIDTHS = (4, 6, 8, 10)
-
-
-@pytest.fixture(scope="module")
-def resnet_ref():
-  """The arrays of official_resnet12_vectors.npz, as a dict."""
-  with np.load(DATA / "official_resnet12_vectors.npz") as archive:
-    return dict(archive)
-
-
-def recipe_shape(key, widths=(64, 128, 256, 512), in_channels=3):
-  """The shape of a reference ResNet12 state-dict entry, from its name."""
-  layer = int(key[len("layer")]) - 1
-  out, inp = widths[layer], (widths[layer - 1] if layer else in_channels)
-  if key.endswith(".conv1.weight"):
-    return (out, inp, 3, 3)
-  if key.endswith(("conv2.weight", "conv3.weight")):
-    return (out, out, 3, 3)
-  if key.endswith("downsample.0.weight"):
-    return (out, inp, 1, 1)
-  return (out,)
-
-
-@pytest.fixture(scope="module")
-def resnet_state_dict(resnet_ref):
-  """The reference README's recipe: the weights the reference outputs were computed with."""
-  rng = np.random.default_rng(0)
-  state_dict = {}
-  for key in map(str, resnet_ref["keys"]):
-    shape = recipe_shape(key)
-    if len(shape) == 4:
-      value = rng.standard_normal(shape) * np.sqrt(2 / np.prod(shape[1:]))
-    elif key.endswith(".weight") or key.endswith(".running_var"):
-      value = 0.75 + 0.5 * rng.random(shape)
-    else:  # bias, running_mean
-      value = 0.1 * rng.standard_normal(shape)
-    state_dict[key] = value.astype(np.float32)
-  return state_dict
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,8 @@ from metadiff_jax.errors import StageError, TrainingError, UserError
 
 # Tags folded into the run's key, one per purpose, so that no two streams coincide.
 KEY_TAGS = {"pretrain_init": 1, "pretrain_data": 2, "pretrain_dropout": 3, "prototypes": 4,
-            "denoiser_init": 5, "diffusion": 6, "sampling": 7, "episodes": 8, "analysis": 9}
+            "denoiser_init": 5, "diffusion": 6, "sampling": 7, "episodes": 8, "analysis": 9,
+            "predict": 10}
 
 
 def key(config, purpose: str, *fold: int) -> jax.Array:
@@ -213,11 +214,17 @@ def diffusion_features(config, feature_set: features.FeatureSet) -> features.Fea
   rms = config.diffusion.feature_rms
   if rms is None:
     return feature_set
-  x = np.asarray(feature_set.features, np.float64)
-  norms = np.linalg.norm(x, axis=1, keepdims=True)
-  scaled = x * (float(rms) * np.sqrt(x.shape[1]) / np.maximum(norms, 1e-12))
-  return dataclasses.replace(feature_set, features=scaled.astype(np.float32),
+  return dataclasses.replace(feature_set, features=rescale_features(feature_set.features, rms),
                              key=f"{feature_set.key}/rms{float(rms):g}")
+
+
+def rescale_features(x, rms) -> np.ndarray:
+  """[n, D] features with each row rescaled to norm rms sqrt(D) (float32); rms None: as is."""
+  if rms is None:
+    return np.asarray(x, np.float32)
+  x = np.asarray(x, np.float64)
+  norms = np.linalg.norm(x, axis=1, keepdims=True)
+  return (x * (float(rms) * np.sqrt(x.shape[1]) / np.maximum(norms, 1e-12))).astype(np.float32)
 
 
 def import_backbone(config, template_variables):

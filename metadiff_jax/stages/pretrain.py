@@ -59,11 +59,17 @@ def _optimizer(config, steps_per_epoch_: int):
   return sgd_l2(schedule, p.momentum, p.weight_decay), schedule
 
 
-def initial_state(config, image_shape=None, num_images: int | None = None) -> PretrainState:
-  """The state at step 0 (also the template that checkpoints are restored into)."""
+def initial_state(config, image_shape=None, num_images: int | None = None,
+                  num_base: int | None = None) -> PretrainState:
+  """The state at step 0 (also the template that checkpoints are restored into).
+
+  The image shape, image count and base-class count come from the built dataset unless
+  given (`import_torch` gives them where no dataset is built).
+  """
   if image_shape is None or num_images is None:
     image_shape, num_images = _base_split_shape(config)
-  num_base = common.num_classes(config, "train")
+  if num_base is None:
+    num_base = common.num_classes(config, "train")
   model = Classifier(common.backbone(config), num_base)
   # One compiled init (an eager init compiles every layer shape on its own: slow for ResNet12).
   init = jax.jit(functools.partial(model.init, train=False))
@@ -154,7 +160,8 @@ def _import(config, best: checkpoint.Checkpoints) -> None:
   if best.latest_step() is not None and best.metadata().get("imported_from") == path:
     logging.info("pretrain: backbone already imported from %s; skipping", path)
     return
-  state = initial_state(config)
+  image_shape, num_images = _base_split_shape(config)
+  state = initial_state(config, image_shape, num_images)
   imported = common.import_backbone(config, backbone_variables(state))
   params = dict(state.params, backbone=imported["params"])
   stats = dict(state.batch_stats or {})
@@ -162,7 +169,8 @@ def _import(config, best: checkpoint.Checkpoints) -> None:
     stats["backbone"] = imported["batch_stats"]
   state = state.replace(params=params, batch_stats=stats)
   step = (best.latest_step() or 0) + 1
-  best.save(step, state, {"imported_from": path, "done": True})
+  best.save(step, state, {"imported_from": path, "done": True,
+                          "image_shape": [int(d) for d in image_shape]})
   logging.info("pretrain: imported the backbone from %s", path)
 
 
@@ -175,7 +183,8 @@ def _train(config, out: str, latest: checkpoint.Checkpoints, best: checkpoint.Ch
                         "images; lower it")
   per_epoch = steps_per_epoch(config, n)
   total = p.epochs * per_epoch
-  state = initial_state(config, train_data.images.shape[1:], n)
+  image_shape = [int(d) for d in train_data.images.shape[1:]]
+  state = initial_state(config, image_shape, n)
   meta = {"best_val_accuracy": -1.0, "best_epoch": -1}
   if latest.latest_step() is not None:
     state, meta = latest.restore(state)
@@ -186,7 +195,7 @@ def _train(config, out: str, latest: checkpoint.Checkpoints, best: checkpoint.Ch
                  meta["best_val_accuracy"], meta["best_epoch"])
     return
   if total == 0:  # no training asked for: keep the initial backbone
-    best.save(0, state, {"val_accuracy": None, "epoch": 0})
+    best.save(0, state, {"val_accuracy": None, "epoch": 0, "image_shape": image_shape})
     latest.save(0, state, meta)
     return
 
@@ -254,7 +263,8 @@ def _train(config, out: str, latest: checkpoint.Checkpoints, best: checkpoint.Ch
         if val_acc > meta["best_val_accuracy"]:
           meta = dict(meta, best_val_accuracy=val_acc, best_epoch=epoch)
           if best.latest_step() != step:
-            best.save(step, state, {"val_accuracy": val_acc, "epoch": epoch})
+            best.save(step, state, {"val_accuracy": val_acc, "epoch": epoch,
+                                    "image_shape": image_shape})
         latest.save(step, state, meta)
       elif save_due:
         latest.save(step, state, meta)

@@ -1,0 +1,577 @@
+"""Few-shot prediction on new images with a trained (or imported) workdir.
+
+    python -m metadiff_jax.predict --workdir runs/glyphs_conv4 \\
+        --support my_support/ --query my_queries/ --out predictions.csv
+
+`--support DIR` holds one folder per class, `DIR/<class>/<image files>`: the few labelled
+examples. `--query` takes image files and folders (several may be given); a folder's images
+are read from it and from its subfolders, and where a query folder has one subfolder per
+class, those names are taken as the true classes: the CSV then has a `true` column and the
+accuracy is printed.
+
+What it does, in the terms of the pipeline (docs/PREDICT.md has the details):
+
+1. The workdir's config (WORKDIR/config.json), its backbone (WORKDIR/pretrain/best) and the
+   input shape the backbone was trained on; no dataset needs to be built.
+2. Every image is decoded to that shape. Images of another size are resized (bilinear) and
+   the count is reported; colour images are converted to grey for a grey backbone and back.
+3. The backbone embeds them (eval mode, the dataset's normalisation), and the features are
+   rescaled where the config's variant rescales them (`config.diffusion.feature_rms`).
+4. The denoiser trained for the shot setting nearest to the support set's images per class
+   (WORKDIR/train_<K>shot/best, EMA parameters) denoises N prototypes from w_T ~ N(0, I)
+   (seeded by the config's seed) with the configured sampler, conditioned on the support set.
+5. Each query gets the softmax of its logits under the denoised prototypes (cosine similarity
+   times 10, the pipeline's prototype classifier) and its most probable class.
+
+There is no limit on the number of classes: the denoiser acts on each class's prototype with
+that class's support-loss gradient, so a denoiser trained on 5-way episodes takes any N >= 2.
+`method="prototypes"` classifies with the class means of the support features instead, the
+baseline the eval stage reports beside MetaDiff.
+
+The same from Python, for notebooks:
+
+    from metadiff_jax import predict
+    result = predict.predict("runs/glyphs_conv4", support="my_support", query="my_queries")
+    result.predicted, result.probabilities, result.to_csv("predictions.csv")
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import logging
+import os
+import pathlib
+import sys
+from typing import Mapping, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from metadiff_jax import backbones, checkpoint, config_lib, diffusion, heads, prototypes, torch_import
+from metadiff_jax.errors import StageError, UserError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
+METHODS = ("metadiff", "prototypes")
+
+ImageLike = Union[str, os.PathLike, np.ndarray]
+
+
+class PredictError(UserError):
+  """An input `predict` cannot use (a missing or unreadable image, too few classes), one line."""
+
+
+@dataclasses.dataclass
+class Prediction:
+  """The classes of the query images.
+
+  Attributes:
+    classes: the N class names, in the order of the probability columns (the support's
+      folders, sorted, or the mapping's keys in order).
+    queries: the Q query names (file paths, or "query[i]" for arrays).
+    probabilities: [Q, N] softmax probabilities.
+    predicted: the Q most probable class names.
+    true: the Q true class names where the query folders named them, else None.
+    shots: the denoiser's shot setting that was used (None for method="prototypes").
+    method: "metadiff" or "prototypes".
+    resized: how many of the support and query images were resized to the backbone's input.
+  """
+
+  classes: tuple[str, ...]
+  queries: tuple[str, ...]
+  probabilities: np.ndarray
+  predicted: tuple[str, ...]
+  true: tuple[str, ...] | None
+  shots: int | None
+  method: str
+  resized: int
+
+  @property
+  def accuracy(self) -> float | None:
+    """The fraction of queries whose predicted class is the true one (None if unknown)."""
+    if self.true is None:
+      return None
+    return float(np.mean([p == t for p, t in zip(self.predicted, self.true)]))
+
+  def rows(self) -> list[dict]:
+    """One dict per query: query, predicted, [true], and p(<class>) for every class."""
+    out = []
+    for i, name in enumerate(self.queries):
+      row = {"query": name, "predicted": self.predicted[i]}
+      if self.true is not None:
+        row["true"] = self.true[i]
+      row.update({f"p({c})": float(self.probabilities[i, j]) for j, c in enumerate(self.classes)})
+      out.append(row)
+    return out
+
+  def to_csv(self, path) -> str:
+    """Writes `rows()` as CSV (probabilities to 6 decimals); returns the path."""
+    path = os.fspath(path)
+    rows = self.rows()
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", newline="") as f:
+      writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+      writer.writeheader()
+      for row in rows:
+        writer.writerow({k: f"{v:.6f}" if isinstance(v, float) else v for k, v in row.items()})
+    os.replace(tmp, path)
+    return path
+
+
+# ----------------------------------------------------------------------------- images
+
+def image_files(folder) -> list[str]:
+  """The image files in `folder` and its subfolders, sorted (hidden files skipped)."""
+  out = []
+  for root, dirs, files in os.walk(folder):
+    dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+    out += [os.path.join(root, f) for f in sorted(files)
+            if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS]
+  return out
+
+
+def read_image(image: ImageLike, shape: Sequence[int], name: str) -> tuple[np.ndarray, bool]:
+  """One image as uint8 [H, W, C] of `shape`, and whether it had to be resized.
+
+  Args:
+    image: a file path, or an array [H, W], [H, W, 1], [H, W, 3] (uint8, or floats in [0, 1]).
+    shape: (H, W, C) of the backbone's input; C = 1 converts to grey, C = 3 to RGB.
+    name: names the image in errors.
+
+  Raises:
+    PredictError: an unreadable file or an array of another kind.
+  """
+  from PIL import Image  # pylint: disable=g-import-not-at-top  (only where images are read)
+
+  height, width, channels = (int(d) for d in shape)
+  try:
+    if isinstance(image, np.ndarray):
+      array = image
+      if array.dtype != np.uint8:
+        if not np.issubdtype(array.dtype, np.floating) or not np.all(np.isfinite(array)):
+          raise ValueError(f"an array of {array.dtype} (give uint8, or floats in [0, 1])")
+        array = np.clip(np.round(array * 255.0), 0, 255).astype(np.uint8)
+      if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+      if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
+        raise ValueError(f"an array of shape {array.shape} (give [H, W], [H, W, 1] or "
+                         "[H, W, 3])")
+      im = Image.fromarray(array)
+    else:
+      im = Image.open(os.fspath(image))
+    with im:
+      im = im.convert("L" if channels == 1 else "RGB")
+      resized = im.size != (width, height)
+      if resized:
+        im = im.resize((width, height), Image.Resampling.BILINEAR)
+      array = np.asarray(im, np.uint8)
+  except FileNotFoundError:
+    raise PredictError(f"image {name} does not exist; check the path") from None
+  except Exception as e:  # noqa: BLE001  (PIL raises OSError, SyntaxError, ValueError, ...)
+    first = str(e).splitlines()[0] if str(e) else type(e).__name__
+    raise PredictError(f"cannot read image {name} ({first}); remove it or replace it with a "
+                       "readable image file") from None
+  return array.reshape(height, width, channels), resized
+
+
+def support_set(support) -> tuple[tuple[str, ...], list[tuple[str, ImageLike]], list[int]]:
+  """(class names, [(name, image)], labels) of a support folder or a class -> images mapping.
+
+  Raises:
+    PredictError: a missing folder, fewer than 2 classes, a class without images.
+  """
+  if isinstance(support, Mapping):
+    classes = tuple(str(c) for c in support)
+    per_class = [list(support[c]) for c in support]
+    items = [[(f"{c}[{i}]" if isinstance(x, np.ndarray) else os.fspath(x), x)
+              for i, x in enumerate(images)] for c, images in zip(classes, per_class)]
+    where = "the support mapping"
+  else:
+    folder = pathlib.Path(os.path.expanduser(os.fspath(support)))
+    if not folder.is_dir():
+      raise PredictError(f"the support folder {folder} does not exist; give a folder with one "
+                         "subfolder of images per class (SUPPORT/<class>/<images>)")
+    classes = tuple(sorted(d.name for d in folder.iterdir()
+                           if d.is_dir() and not d.name.startswith(".")))
+    items = [[(p, p) for p in image_files(folder / c)] for c in classes]
+    where = f"the support folder {folder}"
+  if len(classes) < 2:
+    raise PredictError(f"{where} has {len(classes)} class(es); few-shot classification needs at "
+                       "least 2, one subfolder of images per class (SUPPORT/<class>/<images>)")
+  for name, class_items in zip(classes, items):
+    if not class_items:
+      raise PredictError(f"class {name!r} of {where} has no images ({', '.join(IMAGE_EXTENSIONS)}"
+                         "); add at least one labelled example")
+  flat = [item for class_items in items for item in class_items]
+  labels = [label for label, class_items in enumerate(items) for _ in class_items]
+  return classes, flat, labels
+
+
+def query_set(query) -> tuple[list[tuple[str, ImageLike]], list[str] | None]:
+  """([(name, image)], true class names or None) of query files, folders or arrays.
+
+  A folder whose images all lie in subfolders one level down gives those subfolders' names as
+  the true classes (when every query comes from such a folder).
+
+  Raises:
+    PredictError: a missing path, or no images at all.
+  """
+  if isinstance(query, np.ndarray) and query.ndim == 4:  # a batch [Q, H, W, C]
+    query = list(query)
+  if isinstance(query, (str, os.PathLike, np.ndarray)):
+    query = [query]
+  items, true = [], []
+  for i, entry in enumerate(query):
+    if isinstance(entry, np.ndarray):
+      items.append((f"query[{i}]", entry))
+      true.append(None)
+      continue
+    path = pathlib.Path(os.path.expanduser(os.fspath(entry)))
+    if path.is_file():
+      items.append((os.fspath(path), os.fspath(path)))
+      true.append(None)
+    elif path.is_dir():
+      files = image_files(path)
+      by_class = all(pathlib.Path(f).parent.parent == path for f in files)
+      items += [(f, f) for f in files]
+      true += [pathlib.Path(f).parent.name if by_class else None for f in files]
+    else:
+      raise PredictError(f"query {path} does not exist; give image files or folders of images")
+  if not items:
+    raise PredictError(f"no query images in {', '.join(map(str, query))} "
+                       f"({', '.join(IMAGE_EXTENSIONS)}); give image files or folders of images")
+  return items, (true if all(t is not None for t in true) else None)
+
+
+# ----------------------------------------------------------------------------- the model
+
+class Predictor:
+  """The trained parts of a workdir, loaded once: backbone, config, denoisers per shot.
+
+  Example:
+    predictor = Predictor("runs/glyphs_conv4")
+    result = predictor.predict("my_support", ["a.png", "b.png"])
+  """
+
+  def __init__(self, workdir):
+    """Loads WORKDIR/config.json and the backbone of WORKDIR/pretrain/best.
+
+    Raises:
+      ConfigError: the workdir has no config.json.
+      StageError: there is no backbone, or it does not fit the config.
+    """
+    from metadiff_jax.stages import common  # pylint: disable=g-import-not-at-top
+    self.workdir = os.path.abspath(os.path.expanduser(os.fspath(workdir)))
+    self.config = config_lib.load_workdir_config(self.workdir)
+    self.module = common.backbone(self.config)
+    self.variables, self.image_shape = _load_backbone(self.config, self.workdir, self.module)
+    self._embed = common.embed_fn(self.module, common.augment_config(self.config))
+    self._denoisers = {}
+
+  @property
+  def trained_shots(self) -> tuple[int, ...]:
+    """The shot settings K with a trained denoiser in WORKDIR/train_<K>shot/best."""
+    from metadiff_jax.stages import train  # pylint: disable=g-import-not-at-top
+    if not self.config.denoiser.unet:  # w/o UNet: nothing to train, any K
+      return tuple(int(k) for k in self.config.train.shots)
+    found = []
+    for k in sorted({int(k) for k in (*self.config.train.shots, *_shots_in(self.workdir))}):
+      best = os.path.join(train.run_dir(self.workdir, k), "best")
+      if os.path.isdir(best):
+        with checkpoint.Checkpoints(best, max_to_keep=1) as store:
+          if store.latest_step() is not None:
+            found.append(k)
+    return tuple(found)
+
+  def embed(self, images: np.ndarray) -> np.ndarray:
+    """[n, D] features (as the diffusion sees them) of uint8 images [n, H, W, C]."""
+    from metadiff_jax.stages import common  # pylint: disable=g-import-not-at-top
+    batch = int(self.config.pretrain.embed_batch_size)
+    n = len(images)
+    size = min(batch, n)
+    parts = []
+    for start in range(0, n, size):  # padded to one shape: compiled once
+      chunk = images[start:start + size]
+      pad = size - len(chunk)
+      if pad:
+        chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
+      parts.append(np.asarray(self._embed(self.variables, chunk))[:size - pad])
+    features = np.concatenate(parts)
+    if not np.all(np.isfinite(features)):
+      raise PredictError("the backbone gave NaN or infinite features for these images; check "
+                         "the workdir's backbone (rerun its pretrain stage)")
+    return common.rescale_features(features, self.config.diffusion.feature_rms)
+
+  def denoiser(self, shots: int):
+    """(TCUNet, its EMA params) of the K-shot setting."""
+    if shots not in self._denoisers:
+      from metadiff_jax.stages import evaluate  # pylint: disable=g-import-not-at-top
+      model, state, _, _ = evaluate.load_denoiser(self.config, self.workdir, shots,
+                                                  self._feature_dim())
+      self._denoisers[shots] = (model, state.ema_params)
+    return self._denoisers[shots]
+
+  def choose_shots(self, per_class: Sequence[int]) -> int:
+    """The trained shot setting nearest to the support's mean images per class (ties: fewer).
+
+    Raises:
+      StageError: no denoiser was trained in this workdir.
+    """
+    trained = self.trained_shots
+    if not trained:
+      raise StageError(f"no trained denoiser in {self.workdir} (train_<K>shot/best); run the "
+                       "train stage (python -m metadiff_jax.main ... --config.stages=\"('train',)\""
+                       "), import one (python -m metadiff_jax.import_torch), or use "
+                       "method='prototypes' (--method prototypes)")
+    mean = float(np.mean(per_class))
+    return min(trained, key=lambda k: (abs(k - mean), k))
+
+  def predict(self, support, query, shots: int | None = None, method: str = "metadiff",
+              seed: int | None = None) -> Prediction:
+    """Classifies the query images by the support set (see `predict`)."""
+    if method not in METHODS:
+      raise PredictError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    classes, support_items, labels = support_set(support)
+    query_items, true = query_set(query)
+    arrays, resized = [], 0
+    for name, image in [*support_items, *query_items]:
+      array, was_resized = read_image(image, self.image_shape, name)
+      arrays.append(array)
+      resized += was_resized
+    if resized:
+      logging.warning("predict: resized %d of %d images to the backbone's input %dx%d",
+                      resized, len(arrays), self.image_shape[0], self.image_shape[1])
+    features = self.embed(np.stack(arrays))
+    support_features = features[:len(support_items)]
+    query_features = features[len(support_items):]
+    labels = np.asarray(labels, np.int32)
+    ways = len(classes)
+    per_class = np.bincount(labels, minlength=ways)
+    if method == "prototypes":
+      w0, head, used_shots = prototypes.class_means(support_features, labels, ways), "prototype", None
+    else:
+      used_shots = int(shots) if shots is not None else self.choose_shots(per_class)
+      if len(set(per_class.tolist())) > 1:
+        logging.warning("predict: the classes have %s support images; the %d-shot denoiser was "
+                        "trained on classes of equal size", sorted(set(per_class.tolist())),
+                        used_shots)
+      model, params = self.denoiser(used_shots)
+      head = getattr(model, "head", "prototype")
+      w0 = self._sample(model, params, support_features, labels, ways, seed)
+    logits = heads.logits(head, jnp.asarray(w0), jnp.asarray(query_features))
+    probabilities = np.asarray(jax.nn.softmax(logits, axis=-1), np.float64)
+    if not np.all(np.isfinite(probabilities)):
+      raise PredictError("the denoised prototypes gave NaN probabilities (a diverged denoiser); "
+                         "use method='prototypes' (--method prototypes), or retrain with the "
+                         "recommended variant (docs/STABILITY.md)")
+    predicted = tuple(classes[i] for i in probabilities.argmax(axis=1))
+    return Prediction(classes=classes, queries=tuple(name for name, _ in query_items),
+                      probabilities=probabilities, predicted=predicted,
+                      true=tuple(true) if true is not None else None, shots=used_shots,
+                      method=method, resized=resized)
+
+  def _sample(self, model, params, support_features, labels, ways, seed):
+    """[N, dim] the denoised weights of one episode (the config's sampler and schedule)."""
+    from metadiff_jax import schedule  # pylint: disable=g-import-not-at-top
+    from metadiff_jax.stages import common, evaluate  # pylint: disable=g-import-not-at-top
+    config = self.config
+    key = common.key(config if seed is None else _with_seed(config, seed), "predict")
+    dim = heads.weight_dim(getattr(model, "head", "prototype"), support_features.shape[-1])
+    w_T = jax.random.normal(jax.random.fold_in(key, 0), (1, ways, dim))
+    options = evaluate.sampler_options(config)
+    w0 = diffusion.sample_batch(
+        model, {"params": params}, schedule.for_sampling(config), w_T,
+        jnp.asarray(support_features)[None], jnp.asarray(labels)[None],
+        dtype=options["dtype"], precision=options["precision"], sampler=options["update"],
+        noise_keys=evaluate.episode_noise_keys(key, jnp.zeros(1, jnp.int32)))
+    return np.asarray(w0[0])
+
+  def _feature_dim(self) -> int:
+    return backbones.feature_dim(self.module, self.image_shape)
+
+
+def predict(workdir, support, query, shots: int | None = None, method: str = "metadiff",
+            seed: int | None = None) -> Prediction:
+  """Classifies query images by a few labelled support images with a workdir's model.
+
+  Args:
+    workdir: a workdir where the pipeline ran (or `import_torch` wrote its checkpoints).
+    support: a folder SUPPORT/<class>/<images>, or a mapping class name -> image files or
+      arrays ([H, W] / [H, W, C], uint8 or floats in [0, 1]).
+    query: image files, folders (searched recursively; class subfolders give the true
+      classes), arrays, or a batch [Q, H, W, C].
+    shots: the denoiser's shot setting; None takes the trained one nearest to the support's
+      images per class.
+    method: "metadiff" (the denoised prototypes) or "prototypes" (the support's class means).
+    seed: the seed of w_T; None takes the config's.
+
+  Returns:
+    A `Prediction` ([Q, N] probabilities, predicted classes, `to_csv`).
+
+  Each call reads the workdir afresh (a notebook that retrains sees the new weights); keep a
+  `Predictor(workdir)` to classify many sets with one load.
+
+  Raises:
+    UserError: one line saying what to fix (no trained model, a missing or unreadable image,
+      fewer than 2 classes, a class without images).
+  """
+  return Predictor(workdir).predict(support, query, shots=shots, method=method, seed=seed)
+
+
+def _load_backbone(config, workdir: str, module):
+  """(variables, image shape) of the backbone in WORKDIR/pretrain/best, checked against the
+  configured module; without the dataset (the classifier head that sized it is dropped)."""
+  directory = os.path.join(workdir, "pretrain", "best")
+  if not os.path.isdir(directory):
+    raise StageError(f"no trained backbone in {directory}; run the pipeline in this workdir "
+                     "(python -m metadiff_jax.main) or import one (python -m "
+                     "metadiff_jax.import_torch)")
+  with checkpoint.Checkpoints(directory, max_to_keep=1) as store:
+    if store.latest_step() is None:
+      raise StageError(f"no trained backbone in {directory}; run the pretrain stage")
+    saved, meta = store.restore_saved()
+  image_shape = meta.get("image_shape")
+  if image_shape is None:  # a workdir of an earlier version: the dataset knows
+    from metadiff_jax.stages import pretrain  # pylint: disable=g-import-not-at-top
+    try:
+      image_shape = list(pretrain._base_split_shape(config)[0])  # pylint: disable=protected-access
+    except UserError:
+      raise StageError(f"{directory} does not record the backbone's input size and the dataset "
+                       f"{config.data.name!r} is not built to tell it; build the dataset or "
+                       "rerun the pretrain stage") from None
+  image_shape = tuple(int(d) for d in image_shape)
+  variables = {"params": saved["params"]["backbone"]}
+  if saved.get("batch_stats") and "backbone" in saved["batch_stats"]:
+    variables["batch_stats"] = saved["batch_stats"]["backbone"]
+  try:
+    torch_import.check_backbone_fits(module, image_shape, variables,
+                                     f"the backbone in {directory}",
+                                     "its config.json was changed since; restore it or rerun the "
+                                     "pretrain stage")
+  except ValueError as e:
+    raise StageError(str(e)) from None
+  variables = jax.tree.map(jnp.asarray, variables)
+  return variables, image_shape
+
+
+def _shots_in(workdir: str) -> list[int]:
+  """K of every train_<K>shot folder in the workdir."""
+  out = []
+  for name in os.listdir(workdir):
+    if name.startswith("train_") and name.endswith("shot") and name[6:-4].isdigit():
+      out.append(int(name[6:-4]))
+  return out
+
+
+def _with_seed(config, seed: int):
+  config = config.copy_and_resolve_references()
+  config.seed = int(seed)
+  return config
+
+
+# ----------------------------------------------------------------------------- an example
+
+def export_example(workdir, out, ways: int = 5, shots: int = 5, queries: int = 5,
+                   split: str = "test", seed: int = 0) -> tuple[str, str]:
+  """Writes one episode of the workdir's dataset as image folders, to try `predict` on.
+
+  OUT/support/<class>/<i>.png holds `shots` images per class and OUT/query/<class>/<i>.png
+  `queries` others, of `ways` classes of `split` (classes the backbone and denoiser never saw
+  when split is "test"). Needs the dataset built.
+
+  Returns:
+    (support folder, query folder).
+  """
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from metadiff_jax.data import episodes  # pylint: disable=g-import-not-at-top
+  from metadiff_jax.data import load  # pylint: disable=g-import-not-at-top
+  from metadiff_jax.stages import common  # pylint: disable=g-import-not-at-top
+  config = config_lib.load_workdir_config(workdir)
+  data = common.load_split(config, split)
+  names = load.class_names(common.dataset_ref(config), split)
+  sampler = episodes.EpisodeSampler(data.labels, ways, shots, queries, seed, split)
+  episode = sampler.batch(0, 1)
+  out = os.path.abspath(os.path.expanduser(os.fspath(out)))
+  folders = {}
+  for part, index, labels in (("support", episode.support[0], episode.support_labels[0]),
+                              ("query", episode.query[0], episode.query_labels[0])):
+    folders[part] = os.path.join(out, part)
+    for i, (row, label) in enumerate(zip(index, labels)):
+      name = _folder_name(names[int(episode.classes[0][label])])
+      folder = os.path.join(folders[part], name)
+      os.makedirs(folder, exist_ok=True)
+      image = np.asarray(data.images[int(row)])
+      Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(
+          os.path.join(folder, f"{i:03d}.png"))
+  return folders["support"], folders["query"]
+
+
+def _folder_name(name: str) -> str:
+  """A class name as a folder name (path separators replaced)."""
+  return "".join("_" if c in "/\\:" else c for c in str(name)) or "_"
+
+
+# ----------------------------------------------------------------------------- the command
+
+def _print_table(result: Prediction, limit: int = 20) -> None:
+  width = max(len(os.path.basename(q)) for q in result.queries[:limit])
+  print(f"{'query':<{width}}  predicted  p", flush=True)
+  for i, name in enumerate(result.queries[:limit]):
+    p = result.probabilities[i].max()
+    truth = "" if result.true is None else f"  (true: {result.true[i]})"
+    print(f"{os.path.basename(name):<{width}}  {result.predicted[i]}  {p:.3f}{truth}")
+  if len(result.queries) > limit:
+    print(f"... and {len(result.queries) - limit} more")
+
+
+def main(argv=None) -> int:
+  """The command line; returns the exit status (2 for a problem the user can fix)."""
+  import argparse  # pylint: disable=g-import-not-at-top
+  parser = argparse.ArgumentParser(
+      prog="python -m metadiff_jax.predict",
+      description="Classify new images from a few labelled examples with a trained workdir.")
+  parser.add_argument("--workdir", required=True, help="a trained (or imported) run's workdir")
+  parser.add_argument("--support", help="SUPPORT/<class>/<images>: the labelled examples")
+  parser.add_argument("--query", nargs="+", help="image files or folders to classify")
+  parser.add_argument("--out", help="CSV of the predictions (default WORKDIR/predictions.csv)")
+  parser.add_argument("--shots", type=int, help="the denoiser's shot setting (default: the "
+                      "trained one nearest to the support's images per class)")
+  parser.add_argument("--method", default="metadiff", choices=METHODS)
+  parser.add_argument("--seed", type=int, help="seed of the initial noise (default: the config's)")
+  parser.add_argument("--export_example", metavar="DIR", help="instead: write one test episode "
+                      "of the workdir's dataset to DIR/support and DIR/query, to try predict on")
+  parser.add_argument("--ways", type=int, default=5, help="with --export_example")
+  parser.add_argument("--export_shots", type=int, default=5, help="with --export_example")
+  parser.add_argument("--queries", type=int, default=5, help="with --export_example: per class")
+  args = parser.parse_args(argv)
+  logging.basicConfig(level=logging.WARNING, format="%(message)s")
+  try:
+    if args.export_example:
+      support, query = export_example(args.workdir, args.export_example, args.ways,
+                                      args.export_shots, args.queries)
+      print(f"wrote {support} and {query}; now run:\n  python -m metadiff_jax.predict "
+            f"--workdir {args.workdir} --support {support} --query {query}")
+      return 0
+    if not args.support or not args.query:
+      parser.error("--support and --query are required (or --export_example DIR)")
+    result = predict(args.workdir, args.support, args.query, shots=args.shots,
+                     method=args.method, seed=args.seed)
+    out = args.out or os.path.join(os.path.expanduser(args.workdir), "predictions.csv")
+    result.to_csv(out)
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    return 2
+  _print_table(result)
+  used = f"{result.shots}-shot denoiser" if result.shots is not None else "class means"
+  print(f"{len(result.queries)} queries, {len(result.classes)} classes ({used}); "
+        + (f"{result.resized} images resized; " if result.resized else "")
+        + (f"accuracy {100 * result.accuracy:.2f}%; " if result.accuracy is not None else "")
+        + f"wrote {out}", flush=True)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
