@@ -3,6 +3,7 @@
 #
 #   bash benchmarks/gpu.sh OUT_DIR          # writes OUT_DIR/<benchmark>.json and logs
 #   SMALL=1 bash benchmarks/gpu.sh /tmp/x   # the same script at CPU sizes (a dry check)
+#   SKIP="sampling" bash benchmarks/gpu.sh OUT_DIR   # leave out benchmarks by label
 #
 # Ordered by what matters most; each benchmark has its own time limit so that one slow part
 # cannot take the others' time, and a failure does not stop the rest. It needs jax (with
@@ -22,6 +23,7 @@ python3 -c "import jax; print(jax.devices(), jax.__version__)" | tee "$out/devic
 
 run() {  # label (the output's name), script, seconds, args...
   local label=$1 script=$2 limit=$3; shift 3
+  if [[ " ${SKIP:-} " == *" $label "* ]]; then echo "=== $label skipped"; return; fi
   echo "=== $label"
   timeout "$limit" python3 "benchmarks/$script.py" "$@" --out "$out/$label.json" \
       > "$out/$label.log" 2>&1
@@ -37,17 +39,19 @@ if [[ "${SMALL:-0}" == 1 ]]; then
   run pretrain pretrain 120 --image_size 16 --batch 8 --train_images 64 --steps 2 --num_images 100 \
       --classes 5 --extract_batch 50 --episodes 10 --repeats 1
   run memory memory 120 --steps 10 --dim 16 --episodes 1,4
+  run eval_end_to_end_bf16 eval_end_to_end 120 --image_size 16 --classes 6 --images_per_class 20 \
+      --episodes 10 --batch_episodes 10 --steps 50 --baseline_episodes 1 --dtype bfloat16
   exit 0
 fi
 run sampling sampling 150 --episodes 1,1024,8192,65536 --baseline_max_episodes 8192 \
     --num_sampling_steps 50,250 --repeats 3
-run train_head train_head 120 --episodes 8,64,256,1024,4096 --steps_per_call 500 --calls 3 \
-    --baseline_steps 50 --baseline_max_episodes 1024
-run eval_end_to_end eval_end_to_end 120 --backbone resnet12 --image_size 84 --images_per_class 600 \
+run eval_end_to_end eval_end_to_end 110 --backbone resnet12 --image_size 84 --images_per_class 600 \
     --episodes 600 --batch_episodes 600 --embed_batch 1000 --baseline_episodes 2
-run eval_end_to_end_bf16 eval_end_to_end 120 --backbone resnet12 --image_size 84 \
+run train_head train_head 110 --episodes 8,64,256,1024,4096 --steps_per_call 500 --calls 3 \
+    --baseline_steps 50 --baseline_max_episodes 1024
+run pretrain pretrain 150 --backbone resnet12 --image_size 84 --batch 128 --num_images 12000 \
+    --extract_batch 1000 --steps 20 --repeats 3
+run memory memory 100 --episodes 1,64,1024
+run eval_end_to_end_bf16 eval_end_to_end 90 --backbone resnet12 --image_size 84 \
     --images_per_class 600 --episodes 600 --batch_episodes 600 --embed_batch 1000 \
     --baseline_episodes 1 --dtype bfloat16
-run pretrain pretrain 200 --backbone resnet12 --image_size 84 --batch 128 --num_images 12000 \
-    --extract_batch 1000 --steps 20 --repeats 3
-run memory memory 120 --episodes 1,64,512,4096
