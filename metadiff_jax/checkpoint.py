@@ -233,6 +233,17 @@ class Checkpoints:
             f" delete {self.directory} or use the config it was written with")
 
 
+def read_latest(directory: str) -> tuple[Any, dict] | None:
+  """(tree, metadata) of the latest checkpoint in `directory` as saved (`restore_saved`), or
+  None where the directory holds none."""
+  if not os.path.isdir(directory):
+    return None
+  with Checkpoints(directory, max_to_keep=1) as store:
+    if store.latest_step() is None:
+      return None
+    return store.restore_saved()
+
+
 def _abstract_leaf(leaf: Any) -> Any:
   # jax.Arrays become ShapeDtypeStructs carrying their sharding, so the restore places each
   # shard where the template's does; host arrays and Python scalars serve as their own

@@ -545,7 +545,7 @@ def _existing(workdir: str) -> dict:
       out["config"] = config_lib.load_workdir_config(workdir)
     except UserError:
       out["config"] = None
-  saved = _saved(os.path.join(workdir, "pretrain", "best"))
+  saved = checkpoint_lib.read_latest(os.path.join(workdir, "pretrain", "best"))
   if saved is not None:
     state, meta = saved
     variables = {"params": state["params"]["backbone"]}
@@ -554,20 +554,10 @@ def _existing(workdir: str) -> dict:
     out["backbone"] = (variables, meta)
   for name in sorted(os.listdir(workdir)):
     if name.startswith("train_") and name.endswith("shot") and name[6:-4].isdigit():
-      saved = _saved(os.path.join(workdir, name, "best"))
+      saved = checkpoint_lib.read_latest(os.path.join(workdir, name, "best"))
       if saved is not None:
         out["heads"][int(name[6:-4])] = saved[0]["ema_params"]
   return out
-
-
-def _saved(directory: str):
-  """(tree, metadata) of the latest checkpoint in `directory` as saved, or None."""
-  if not os.path.isdir(directory):
-    return None
-  with checkpoint_lib.Checkpoints(directory, max_to_keep=1) as store:
-    if store.latest_step() is None:
-      return None
-    return store.restore_saved()
 
 
 def _same_arrays(a, b) -> bool:

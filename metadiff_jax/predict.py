@@ -425,14 +425,12 @@ def _load_backbone(config, workdir: str, module):
   """(variables, image shape) of the backbone in WORKDIR/pretrain/best, checked against the
   configured module; without the dataset (the classifier head that sized it is dropped)."""
   directory = os.path.join(workdir, "pretrain", "best")
-  if not os.path.isdir(directory):
+  latest = checkpoint.read_latest(directory)
+  if latest is None:
     raise StageError(f"no trained backbone in {directory}; run the pipeline in this workdir "
                      "(python -m metadiff_jax.main) or import one (python -m "
                      "metadiff_jax.import_torch)")
-  with checkpoint.Checkpoints(directory, max_to_keep=1) as store:
-    if store.latest_step() is None:
-      raise StageError(f"no trained backbone in {directory}; run the pretrain stage")
-    saved, meta = store.restore_saved()
+  saved, meta = latest
   image_shape = meta.get("image_shape")
   if image_shape is None:  # a workdir of an earlier version: the dataset knows
     from metadiff_jax.stages import pretrain  # pylint: disable=g-import-not-at-top

@@ -314,7 +314,7 @@ def load_backbone_file(path, template_variables, trusted: bool = False) -> dict:
   Returns:
     {"params": ..., "batch_stats": ...} as numpy arrays, as `resnet12_variables_from_torch`.
   """
-  state_dict = _backbone_state_dict(read_checkpoint(path, trusted), path)
+  state_dict = backbone_state_dict(read_checkpoint(path, trusted), path)
   try:
     variables = resnet12_variables_from_torch(state_dict)
   except KeyError as err:
@@ -323,8 +323,9 @@ def load_backbone_file(path, template_variables, trusted: bool = False) -> dict:
   return variables
 
 
-def _backbone_state_dict(checkpoint, path) -> dict:
-  """The backbone's flat name -> array dict inside any of the layouts `load_backbone_file` takes."""
+def backbone_state_dict(checkpoint, path) -> dict:
+  """The backbone's flat name -> tensor dict in a checkpoint's contents (`read_checkpoint`),
+  in any layout `load_backbone_file` takes, `encoder.`/`embedding.` prefixes removed."""
   for _ in range(3):  # a few levels, e.g. {"state_dict": {"embedding": {...}}}
     if not isinstance(checkpoint, Mapping):
       raise ValueError(f"{path} holds a {type(checkpoint).__name__}, not a state dict")
@@ -352,12 +353,6 @@ def read_checkpoint(path, trusted: bool = False):
     ValueError: a file that cannot be read as either.
   """
   return _read_npz(path) if str(path).endswith(".npz") else _read_torch_checkpoint(path, trusted)
-
-
-def backbone_state_dict(checkpoint, path) -> dict:
-  """The backbone's flat name -> tensor dict in a checkpoint's contents (`read_checkpoint`),
-  in any layout `load_backbone_file` takes, `encoder.`/`embedding.` prefixes removed."""
-  return _backbone_state_dict(checkpoint, path)
 
 
 def head_state_dict(checkpoint, path) -> dict:

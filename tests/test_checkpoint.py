@@ -18,6 +18,7 @@ import optax
 import pytest
 from flax.training import train_state
 
+from metadiff_jax import checkpoint
 from metadiff_jax.checkpoint import Checkpoints
 
 REPO = pathlib.Path(__file__).parent.parent
@@ -53,6 +54,25 @@ def _assert_identical(actual, expected):
     assert type(a) is type(e), (jax.tree_util.keystr(path), type(a), type(e))
     assert np.asarray(a).dtype == np.asarray(e).dtype
     np.testing.assert_array_equal(np.asarray(a), np.asarray(e))
+
+
+def test_a_checkpoint_reads_back_as_saved_without_a_template(tmp_path):
+  directory = str(tmp_path / "ckpt")
+  assert checkpoint.read_latest(directory) is None  # no folder
+  os.makedirs(directory)
+  assert checkpoint.read_latest(directory) is None  # no step in it
+  first, second = _state(seed=0), _state(seed=1)
+  with Checkpoints(directory) as ckpts:
+    ckpts.save(3, first, {"epoch": 1})
+    ckpts.save(5, second, {"epoch": 2, "image_shape": [32, 32, 1]})
+    tree, meta = ckpts.restore_saved(step=3)
+  assert meta == {"epoch": 1}
+  _assert_identical(tree["params"], first.params)
+  tree, meta = checkpoint.read_latest(directory)
+  assert meta == {"epoch": 2, "image_shape": [32, 32, 1]}
+  assert isinstance(tree, dict) and int(tree["step"]) == int(second.step)
+  _assert_identical(tree["ema_params"], second.ema_params)
+  _assert_identical(tree["batch_stats"], second.batch_stats)
 
 
 def test_train_state_round_trip_is_exact(tmp_path):

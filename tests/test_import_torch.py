@@ -56,8 +56,9 @@ def save_npz(path, tensors) -> str:
 
 def restored(directory):
   """(tree, metadata) of the checkpoint in `directory`, as saved."""
-  with checkpoint.Checkpoints(directory, max_to_keep=1) as store:
-    return store.restore_saved()
+  latest = checkpoint.read_latest(directory)
+  assert latest is not None, f"no checkpoint in {directory}"
+  return latest
 
 
 def assert_same_tree(actual, expected):
