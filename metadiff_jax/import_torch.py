@@ -296,9 +296,7 @@ def import_checkpoint(workdir, checkpoint: Optional[str] = None, head: Optional[
   if backbone_path and existing["backbone"] is None:
     from metadiff_jax.stages import pretrain  # pylint: disable=g-import-not-at-top
     state = pretrain.initial_state(config, shape, num_images, num_base)
-    params_ = dict(state.params, backbone=variables["params"])
-    stats = dict(state.batch_stats or {}, backbone=variables["batch_stats"])
-    state = mesh.replicate(state.replace(params=params_, batch_stats=stats))
+    state = mesh.replicate(pretrain.with_backbone(state, variables))
     directory = os.path.join(workdir, "pretrain", "best")
     with checkpoint_lib.Checkpoints(directory, max_to_keep=1) as store:
       store.save(1, state, {"imported_from": backbone_path, "done": True,
@@ -545,18 +543,15 @@ def _existing(workdir: str) -> dict:
       out["config"] = config_lib.load_workdir_config(workdir)
     except UserError:
       out["config"] = None
+  from metadiff_jax.stages import pretrain, train  # pylint: disable=g-import-not-at-top
   saved = checkpoint_lib.read_latest(os.path.join(workdir, "pretrain", "best"))
   if saved is not None:
     state, meta = saved
-    variables = {"params": state["params"]["backbone"]}
-    if state.get("batch_stats") and "backbone" in state["batch_stats"]:
-      variables["batch_stats"] = state["batch_stats"]["backbone"]
-    out["backbone"] = (variables, meta)
-  for name in sorted(os.listdir(workdir)):
-    if name.startswith("train_") and name.endswith("shot") and name[6:-4].isdigit():
-      saved = checkpoint_lib.read_latest(os.path.join(workdir, name, "best"))
-      if saved is not None:
-        out["heads"][int(name[6:-4])] = saved[0]["ema_params"]
+    out["backbone"] = (pretrain.backbone_variables(state), meta)
+  for k in train.shots_in(workdir):
+    saved = checkpoint_lib.read_latest(os.path.join(train.run_dir(workdir, k), "best"))
+    if saved is not None:
+      out["heads"][k] = saved[0]["ema_params"]
   return out
 
 

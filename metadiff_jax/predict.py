@@ -278,7 +278,7 @@ class Predictor:
     if not self.config.denoiser.unet:  # w/o UNet: nothing to train, any K
       return tuple(int(k) for k in self.config.train.shots)
     found = []
-    for k in sorted({int(k) for k in (*self.config.train.shots, *_shots_in(self.workdir))}):
+    for k in sorted({int(k) for k in (*self.config.train.shots, *train.shots_in(self.workdir))}):
       best = os.path.join(train.run_dir(self.workdir, k), "best")
       if os.path.isdir(best):
         with checkpoint.Checkpoints(best, max_to_keep=1) as store:
@@ -431,9 +431,9 @@ def _load_backbone(config, workdir: str, module):
                      "(python -m metadiff_jax.main) or import one (python -m "
                      "metadiff_jax.import_torch)")
   saved, meta = latest
+  from metadiff_jax.stages import pretrain  # pylint: disable=g-import-not-at-top
   image_shape = meta.get("image_shape")
   if image_shape is None:  # a workdir of an earlier version: the dataset knows
-    from metadiff_jax.stages import pretrain  # pylint: disable=g-import-not-at-top
     try:
       image_shape = list(pretrain._base_split_shape(config)[0])  # pylint: disable=protected-access
     except UserError:
@@ -441,9 +441,7 @@ def _load_backbone(config, workdir: str, module):
                        f"{config.data.name!r} is not built to tell it; build the dataset or "
                        "rerun the pretrain stage") from None
   image_shape = tuple(int(d) for d in image_shape)
-  variables = {"params": saved["params"]["backbone"]}
-  if saved.get("batch_stats") and "backbone" in saved["batch_stats"]:
-    variables["batch_stats"] = saved["batch_stats"]["backbone"]
+  variables = pretrain.backbone_variables(saved)
   try:
     torch_import.check_backbone_fits(module, image_shape, variables,
                                      f"the backbone in {directory}",
@@ -453,15 +451,6 @@ def _load_backbone(config, workdir: str, module):
     raise StageError(str(e)) from None
   variables = jax.tree.map(jnp.asarray, variables)
   return variables, image_shape
-
-
-def _shots_in(workdir: str) -> list[int]:
-  """K of every train_<K>shot folder in the workdir."""
-  out = []
-  for name in os.listdir(workdir):
-    if name.startswith("train_") and name.endswith("shot") and name[6:-4].isdigit():
-      out.append(int(name[6:-4]))
-  return out
 
 
 def _with_seed(config, seed: int):

@@ -335,6 +335,28 @@ def test_the_eval_stage_runs_on_an_imported_workdir(resnet_state_dict, head_sd, 
   assert result["settings"]["sampler"]["num_sampling_steps"] == 10
 
 
+def test_the_pretrain_stage_imports_the_backbone_its_config_names(resnet_state_dict,
+                                                                   textures_dir, tmp_path):
+  # config.backbone.checkpoint: the pipeline's own import, which writes the same pretrain/best
+  # as `import_torch` does and records the input shape that `predict` reads.
+  from metadiff_jax import stages  # pylint: disable=g-import-not-at-top
+  from metadiff_jax.stages import pretrain  # pylint: disable=g-import-not-at-top
+  path = save_npz(tmp_path / "backbone.npz",
+                  {f"module.{k}": v for k, v in resnet_state_dict.items()})
+  config = config_lib.load_config_file(str(REPO / "configs" / "textures_conv4.py"))
+  config.data.data_dir = textures_dir
+  config.data.builder_config = "tiny"
+  config.backbone.name = "resnet12"
+  config.backbone.checkpoint = path
+  config.stages = ("pretrain",)
+  workdir = str(tmp_path / "run")
+  stages.run(config, workdir)
+  tree, meta = restored(os.path.join(workdir, "pretrain", "best"))
+  assert meta["imported_from"] == path and meta["image_shape"] == [16, 16, 3]
+  assert_same_tree(pretrain.backbone_variables(tree),
+                   torch_import.resnet12_variables_from_torch(resnet_state_dict))
+
+
 @pytest.mark.parametrize("args, message", [
     ([], "error: nothing to import"),
     (["--backbone", "b.npz", "--backbone_arch", "resnet"], "error: unknown --backbone_arch"),

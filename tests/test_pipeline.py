@@ -89,6 +89,10 @@ def test_prototypes_are_the_class_means_of_the_cached_base_features(data_dir, up
 def test_train_and_eval_stages(data_dir, upstream, tmp_path):
   workdir = copy_of(upstream, tmp_path)
   config = tiny_config(data_dir)
+  # Earlier tests in the session may have compiled the same shapes (the trained_workdir
+  # fixture runs this config's stages): count this stage's compilations from empty caches.
+  train.train_steps.clear_cache()
+  evaluate.episode_metrics.clear_cache()
   compiled = (train.train_steps._cache_size(), evaluate.episode_metrics._cache_size())
   train.stage(config, workdir)
   # 4 calls of 5 steps compile once; 2 validations of 10 episodes in batches of 8, once.

@@ -35,7 +35,7 @@ def run(config, workdir: str) -> None:
   logging.info("devices: %s", mesh.describe())
   common.log_config(config)
   if common.is_writer():
-    common.write_json(os.path.join(root, "config.json"), config.to_dict())
+    common.write_json(os.path.join(root, config_lib.WORKDIR_CONFIG), config.to_dict())
   for name in config_lib.stages_of(config):
     start = time.time()
     logging.info("stage %s: starting", name)

@@ -80,12 +80,27 @@ def initial_state(config, image_shape=None, num_images: int | None = None,
   return mesh.replicate(state)
 
 
-def backbone_variables(state: PretrainState) -> dict:
-  """The backbone's own variables out of the classifier's."""
-  out = {"params": state.params["backbone"]}
-  if state.batch_stats and "backbone" in state.batch_stats:
-    out["batch_stats"] = state.batch_stats["backbone"]
+def backbone_variables(state) -> dict:
+  """The backbone's own variables out of the classifier's: of a `PretrainState`, or of the
+  nested dict that a checkpoint of one restores to without a template
+  (`checkpoint.read_latest`)."""
+  if isinstance(state, dict):
+    params, stats = state["params"], state.get("batch_stats")
+  else:
+    params, stats = state.params, state.batch_stats
+  out = {"params": params["backbone"]}
+  if stats and "backbone" in stats:
+    out["batch_stats"] = stats["backbone"]
   return out
+
+
+def with_backbone(state: PretrainState, variables: dict) -> PretrainState:
+  """`state` with its backbone's variables replaced by `variables` (an imported backbone)."""
+  params = dict(state.params, backbone=variables["params"])
+  stats = dict(state.batch_stats or {})
+  if "batch_stats" in variables:
+    stats["backbone"] = variables["batch_stats"]
+  return state.replace(params=params, batch_stats=stats)
 
 
 @functools.partial(jax.jit, static_argnames=("batch_size", "aug"), donate_argnums=(0,))
@@ -162,12 +177,7 @@ def _import(config, best: checkpoint.Checkpoints) -> None:
     return
   image_shape, num_images = _base_split_shape(config)
   state = initial_state(config, image_shape, num_images)
-  imported = common.import_backbone(config, backbone_variables(state))
-  params = dict(state.params, backbone=imported["params"])
-  stats = dict(state.batch_stats or {})
-  if "batch_stats" in imported:
-    stats["backbone"] = imported["batch_stats"]
-  state = state.replace(params=params, batch_stats=stats)
+  state = with_backbone(state, common.import_backbone(config, backbone_variables(state)))
   step = (best.latest_step() or 0) + 1
   best.save(step, state, {"imported_from": path, "done": True,
                           "image_shape": [int(d) for d in image_shape]})

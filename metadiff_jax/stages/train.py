@@ -44,6 +44,15 @@ def run_dir(workdir: str, shots: int) -> str:
   return common.stage_dir(workdir, f"train_{shots}shot")
 
 
+def shots_in(workdir: str) -> list[int]:
+  """K of every train_<K>shot folder in the workdir, sorted (none if it does not exist)."""
+  directory = os.path.expanduser(workdir)
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(name[6:-4]) for name in os.listdir(directory)
+                if name.startswith("train_") and name.endswith("shot") and name[6:-4].isdigit())
+
+
 def denoiser(config, feature_dim: int) -> tcunet.TCUNet:
   """The configured TCUNet variant for features of `feature_dim` = D dimensions.
 
