@@ -127,12 +127,19 @@ def main():
   agree = []
   for b in range(args.baseline_episodes):
     w0 = baseline(w_T[b], support[b], jnp.asarray(eps.support_labels[b]))
-    acc = np.mean(np.argmax(prototypes.cosine_logits(query[b], w0), -1) == eps.query_labels[b])
-    agree.append(abs(acc - m["accuracy"][b]) < 1e-6)
+    logits = np.asarray(prototypes.cosine_logits(query[b], w0), np.float64)
+    acc = np.mean(np.argmax(logits, -1) == eps.query_labels[b])
+    # Two compiled programs of one sampler give weights equal to rounding (a relative 1e-4 at
+    # most), which moves a 10 x cosine score by at most 10 pi / 2 x 1e-4: a query whose two
+    # best scores are closer than twice that may go either way (docs/SCALING.md).
+    top2 = np.sort(logits, -1)[:, -2:]
+    near = np.sum(top2[:, 1] - top2[:, 0] < 10 * np.pi * 1e-4)
+    agree.append(abs(acc - m["accuracy"][b]) <= near / len(logits) + 1e-6)
   baseline_s = (time.perf_counter() - start) / max(args.baseline_episodes, 1)
   print(f"baseline (one episode at a time, Python loop of jitted steps): {1 / baseline_s:.2f} "
         f"episodes/s, {baseline_s * args.episodes:.1f} s for {args.episodes} episodes "
-        f"(extrapolated); accuracy equal on {sum(agree)}/{len(agree)} episodes", flush=True)
+        f"(extrapolated); accuracy equal (up to near-ties) on {sum(agree)}/{len(agree)} "
+        "episodes", flush=True)
 
   result = dict(
       benchmark="eval_end_to_end", backbone=args.backbone, image_size=args.image_size,

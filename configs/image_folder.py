@@ -1,8 +1,14 @@
-"""A template for your own images: ROOT/{train,val,test}/<class name>/<image files>.
+"""A template for your own photographs on a GPU: ROOT/{train,val,test}/<class name>/<images>.
 
     python -m metadiff_jax.data build image_folder --manual_dir ROOT --config mydata --image_size 84
     python -m metadiff_jax.main --config configs/image_folder.py \
         --config.data.builder_config=mydata --workdir runs/mydata
+
+ResNet12, 50 pretraining epochs and photo augmentations (crops, flips, colour jitter): sized
+for a GPU. For a CPU, or for characters and drawings, start from configs/image_folder_conv4.py.
+Images are normalised with the mean and standard deviation of the build's own train split,
+per channel (grayscale builds, `--channels 1`, included); set config.data.augment.mean and
+.std to override them (docs/DATASETS.md).
 
 Copy this file and edit it: the backbone (Conv4 for small data, ResNet12 for more), the
 pretraining epochs (each epoch is one pass over your train split) and the diffusion steps.

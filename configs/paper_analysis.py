@@ -11,12 +11,25 @@ workdir reuses its backbone, feature cache and denoisers), then the analysis sta
 table4.md, fig4_memory.png, fig5_convergence.png and their JSON. docs/REPRODUCTION.md shows
 what it found on the glyph dataset and the commands for miniImageNet and tieredImageNet.
 
+It analyses the variant that pipeline config runs (the recommended one,
+`weights_normalized_shot_mean`), so that the command above works right after the README's
+demo in the same workdir: only the stage list and `config.analysis` differ from the demo's
+config, and they concern the analysis stage alone. `variant=NAME` analyses another variant;
+its denoisers differ from the demo's, so give it a workdir of its own (or one where the
+pipeline ran with the same `:variant=NAME`).
+
 Presets (comma-separated after the colon):
     dataset=glyphs|miniimagenet|tieredimagenet|cifar_fs|fc100   (default glyphs)
     backbone=conv4|resnet12    (default: conv4 for glyphs, resnet12 otherwise)
     shot=1|5|1+5               (as the dataset configs)
+    variant=NAME               (default: the pipeline config's; config_lib.VARIANTS)
 
-Measured on a 2-core Xeon VM, CPU only, glyph dataset, from an empty workdir: 17 min 43 s
+The paper's method as published, as docs/REPRODUCTION.md reports it:
+
+    python -m metadiff_jax.main --config configs/paper_analysis.py:dataset=glyphs,variant=faithful \
+        --workdir runs/glyphs_faithful
+
+Measured so on a 2-core Xeon VM, CPU only, glyph dataset, from an empty workdir: 17 min 43 s
 (pipeline 3 min 50 s, analysis 14 min 19 s). It printed Table 2 as (600 test episodes,
 mean +- 95% CI; docs/REPRODUCTION.md has all of it and what it means):
 
@@ -39,12 +52,13 @@ DATASETS = {"glyphs": ("glyphs", "conv4"), "miniimagenet": ("miniimagenet", "res
 
 
 def get_config(arg=None):
-  # The paper's method, whatever the configs recommend (docs/STABILITY.md); `variant=NAME`
-  # analyses another.
+  # The pipeline config's own variant unless `variant=NAME` is given: the analysis then reuses
+  # (and must fit) the backbone, features and denoisers of that config's workdir.
   config, dataset, own = config_lib.dataset_pipeline_config(
-      arg, DATASETS, os.path.dirname(os.path.abspath(__file__)), own={"variant": "faithful"})
+      arg, DATASETS, os.path.dirname(os.path.abspath(__file__)), own={"variant": None})
   config.stages = ("pretrain", "prototypes", "train", "analysis")
-  config_lib.apply_variant(config, own["variant"])
+  if own["variant"] is not None:
+    config_lib.apply_variant(config, own["variant"])
   a = config.analysis
   if dataset == "glyphs":
     # Sized for a 2-core CPU (docs/REPRODUCTION.md has the time it took). The ablation

@@ -35,7 +35,7 @@ def get_config(arg=None):
     # Sized for a 2-core CPU (docs/STABILITY.md has the time it took): 3,000 steps a
     # denoiser, validated every 250, with 600 test episodes a row.
     config.stability.steps = 3000
-    config.train.val_every_steps = 250
-    config.train.checkpoint_every_steps = 250
-    config.train.val_episodes = 200
+    config.stability.val_every_steps = 250
+    config.stability.checkpoint_every_steps = 250
+    config.stability.val_episodes = 200
   return config

@@ -31,20 +31,5 @@ from metadiff_jax import config_lib
 def get_config(arg=None):
   config = config_lib.base_config("textures", "conv4")
   # 384 base classes x 20 images of 32 x 32 x 3: Conv4 gives 2 x 2 x 64 = 256-d features.
-  # Five epochs of the Classifier-Baseline optimiser (x0.1 for the last one).
-  config.pretrain.epochs = 5
-  config.pretrain.lr_decay_epochs = (4,)
-  config.pretrain.val_episodes = 300
-  config.pretrain.log_every_steps = 16
-  # 5,000 diffusion steps per shot setting instead of the paper's 300,000, so the EMA starts
-  # after 500 steps with decay 0.999 (the paper's 0.9999 would average over more steps than
-  # the run has); validation every 500 steps keeps the best.
-  config.train.steps = 5000
-  config.train.steps_per_call = 100
-  config.train.log_every_steps = 100
-  config.train.val_every_steps = 500
-  config.train.checkpoint_every_steps = 500
-  config.train.val_episodes = 200
-  config.train.ema_start_step = 500
-  config.train.ema_decay = 0.999
+  config_lib.cpu_schedule(config, pretrain_epochs=5, train_steps=5000)
   return config_lib.finalize(config, arg)

@@ -12,12 +12,14 @@ Sections: `data` (the built dataset and its augmentations), `backbone`, `pretrai
 
 from __future__ import annotations
 
+import math
+
 import ml_collections
 from ml_collections import config_dict
 
 from metadiff_jax import diffusion, heads, tcunet
 from metadiff_jax.data import augment
-from metadiff_jax.errors import ConfigError
+from metadiff_jax.errors import ConfigError, UserError
 
 # The pipeline's stages, in the order they run by default; "analysis" (the paper's analyses,
 # `stages.analysis`) and "stability" (the stability study, `stages.stability`) run only where
@@ -235,6 +237,12 @@ def base_config(dataset: str = "glyphs", backbone: str = "conv4") -> ml_collecti
   # diagnostic_episodes test episodes (0: skip it).
   config.eval.diagnostic_episodes = 200
   config.eval.diagnostic_buckets = 10
+  # Which denoiser the MetaDiff row evaluates: "best" (the best-validated one,
+  # train_<K>shot/best), "last" (the latest in train_<K>shot/checkpoints) or a step kept there
+  # (an int). The results add the last checkpoint's row beside the best one (or the best's
+  # beside the last), so a sampler that diverges late in training shows. Any type, so that
+  # both --config.eval.checkpoint=last and =3000 parse.
+  config.eval.checkpoint = config_dict.FieldReference("best", field_type=object)
 
   # The paper's analyses (the optional "analysis" stage, configs/paper_analysis.py): Tables
   # 2-4 and Figures 4-5 on the eval stage's test episodes (eval.ways, eval.queries).
@@ -281,6 +289,11 @@ def base_config(dataset: str = "glyphs", backbone: str = "conv4") -> ml_collecti
   config.stability.shots = config_dict.placeholder(tuple)  # None: the eval stage's shots
   config.stability.episodes = config_dict.placeholder(int)  # None: eval.episodes
   config.stability.steps = config_dict.placeholder(int)
+  # How the study's denoisers are validated and checkpointed (None: as train.* says), kept
+  # here so that the study never changes the record of the train stage's own denoisers.
+  config.stability.val_every_steps = config_dict.placeholder(int)
+  config.stability.checkpoint_every_steps = config_dict.placeholder(int)
+  config.stability.val_episodes = config_dict.placeholder(int)
   config.stability.learning_rates = (1e-3,)
   config.stability.lr_variants = ("faithful", "weights_normalized",
                                   "weights_normalized_shot_mean")
@@ -294,6 +307,21 @@ def base_config(dataset: str = "glyphs", backbone: str = "conv4") -> ml_collecti
 
 
 # Presets a config file accepts after the colon: name -> function(config, value).
+def cpu_schedule(config, pretrain_epochs: int, train_steps: int) -> None:
+  """The schedule of the configs sized for a 2-core CPU (the embedded datasets, small images).
+
+  `pretrain_epochs` of the Classifier-Baseline optimiser (x0.1 for the last one), validated on
+  300 episodes; `train_steps` diffusion steps per shot setting instead of the paper's 300,000,
+  so the EMA starts after 500 steps with decay 0.999 (the paper's 0.9999 would average over
+  more steps than the run has), and validation on 200 episodes every 500 keeps the best.
+  """
+  config.pretrain.update(dict(epochs=pretrain_epochs, lr_decay_epochs=(pretrain_epochs - 1,),
+                              val_episodes=300, log_every_steps=16))
+  config.train.update(dict(steps=train_steps, steps_per_call=100, log_every_steps=100,
+                           val_every_steps=500, checkpoint_every_steps=500, val_episodes=200,
+                           ema_start_step=500, ema_decay=0.999))
+
+
 def _shot(config, value):
   shots = tuple(int(s) for s in str(value).replace("+", " ").split())
   config.train.shots = shots
@@ -347,6 +375,16 @@ def check(config) -> None:
   if unknown:
     raise ConfigError(f"unknown stage {unknown[0]!r} in config.stages; choose from "
                       f"{', '.join(STAGES + OPTIONAL_STAGES)}")
+  if not stages_of(config):
+    raise ConfigError("config.stages is empty, so nothing would run; name some of "
+                      f"{', '.join(STAGES + OPTIONAL_STAGES)}")
+  for field, value in _numbers(config.to_dict()):
+    if not math.isfinite(value):
+      raise ConfigError(f"config.{field} is {value}; give a finite number")
+  for section in ("pretrain", "train"):
+    if not config[section].learning_rate > 0:
+      raise ConfigError(f"config.{section}.learning_rate must be positive, got "
+                        f"{config[section].learning_rate!r}")
   for section, field, low in (("pretrain", "epochs", 0), ("pretrain", "batch_size", 1),
                               ("train", "steps", 0), ("train", "episodes_per_step", 1),
                               ("train", "steps_per_call", 1), ("train", "ways", 2),
@@ -375,6 +413,7 @@ def check(config) -> None:
   if k is not None and (int(k) != k or not 1 <= k <= config.diffusion.num_steps):
     raise ConfigError(f"config.diffusion.num_sampling_steps must be an integer in [1, "
                       f"num_steps = {config.diffusion.num_steps}] or None, got {k!r}")
+  _check_eval_checkpoint(config)
   _check_device_split(config)
   if config.prototypes.augmented_passes < 0:
     raise ConfigError("config.prototypes.augmented_passes must be >= 0 (0: clean images)")
@@ -385,6 +424,42 @@ def check(config) -> None:
     _check_analysis(config)
   if "stability" in stages_of(config):
     _check_stability(config)
+
+
+def _numbers(values, prefix: str = ""):
+  """(field, value) for every float in a nested dict of config values, tuples included."""
+  for name, value in values.items():
+    field = f"{prefix}{name}"
+    if isinstance(value, dict):
+      yield from _numbers(value, f"{field}.")
+    elif isinstance(value, (tuple, list)):
+      yield from ((f"{field}[{i}]", v) for i, v in enumerate(value) if isinstance(v, float))
+    elif isinstance(value, float):
+      yield field, value
+
+
+def eval_checkpoint(config) -> str | int:
+  """config.eval.checkpoint as "best", "last" or a step (an int; digits given as a string too).
+
+  Raises:
+    ConfigError: for anything else.
+  """
+  value = config.eval.get("checkpoint", "best")  # absent from configs of older workdirs
+  if isinstance(value, str) and value.strip().isdigit():
+    value = int(value)
+  if value in ("best", "last") or (isinstance(value, int) and not isinstance(value, bool)
+                                   and value >= 0):
+    return value
+  raise ConfigError(f"config.eval.checkpoint must be 'best', 'last' or a step >= 0 kept in "
+                    f"train_<K>shot/checkpoints, got {value!r}")
+
+
+def _check_eval_checkpoint(config) -> None:
+  choice = eval_checkpoint(config)
+  if choice != "best" and not config.denoiser.unet:
+    raise ConfigError(f"config.eval.checkpoint = {choice!r} picks a trained denoiser, but "
+                      "config.denoiser.unet = False has no parameters and no checkpoints; "
+                      "leave config.eval.checkpoint at 'best'")
 
 
 def _check_stability(config) -> None:
@@ -400,7 +475,8 @@ def _check_stability(config) -> None:
     if int(s[field]) != s[field] or s[field] < low:
       raise ConfigError(f"config.stability.{field} must be an integer >= {low}, got "
                         f"{s[field]!r}")
-  for field in ("episodes", "steps"):
+  for field in ("episodes", "steps", "val_every_steps", "checkpoint_every_steps",
+                "val_episodes"):
     if s[field] is not None and (int(s[field]) != s[field] or s[field] < 1):
       raise ConfigError(f"config.stability.{field} must be a positive integer or None, got "
                         f"{s[field]!r}")
@@ -514,16 +590,146 @@ def _check_device_split(config) -> None:
 
 def load_config_file(path: str, arg: str | None = None, what: str = "pipeline config"):
   """`get_config(arg)` of the config file at `path`; a ConfigError if it is missing."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
   import os  # pylint: disable=g-import-not-at-top
   if not os.path.exists(path):
     raise ConfigError(f"no {what} {path} for this dataset and backbone; choose a backbone that "
                       "configs/ has a file for")
-  name = os.path.splitext(os.path.basename(path))[0]
-  spec = importlib.util.spec_from_file_location(f"_config_{name}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return read_config_file(path, arg, pass_arg=True)
+
+
+def read_config_file(path: str, arg: str | None = None, pass_arg: bool = False):
+  """`get_config()` of the Python file at `path` (`get_config(arg)` where `arg` is given or
+  `pass_arg`), as `--config=PATH[:ARG]` reads it; a ConfigError in one line if the file is
+  missing, does not import, defines no get_config, or get_config fails or returns no config.
+  """
+  import importlib.machinery  # pylint: disable=g-import-not-at-top
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import inspect  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  if not path:
+    raise ConfigError("no config file given; pass one, e.g. --config=configs/glyphs_conv4.py")
+  if not os.path.isfile(path):
+    raise ConfigError(_missing_config_message(path))
+  # As ml_collections loads it: Python source whatever the suffix, registered in sys.modules
+  # (dataclasses and pickle look a class's module up there).
+  name = "_config_" + os.path.splitext(os.path.basename(path))[0]
+  loader = importlib.machinery.SourceFileLoader(name, path)
+  module = importlib.util.module_from_spec(importlib.util.spec_from_loader(name, loader))
+  sys.modules[name] = module
+  try:
+    loader.exec_module(module)
+  except SyntaxError as e:
+    raise ConfigError(f"config file {path} does not import: {type(e).__name__}: {e.msg} (line "
+                      f"{e.lineno}); fix the file") from None
+  except Exception as e:  # noqa: BLE001  (whatever the file's own code raises)
+    raise ConfigError(f"config file {path} does not import: {_where(e, path)}; fix the file "
+                      "(or the package it imports)") from None
+  get_config = getattr(module, "get_config", None)
+  if not callable(get_config):
+    raise ConfigError(f"config file {path} defines no get_config(); a config file defines "
+                      "get_config(arg=None) that returns an ml_collections.ConfigDict (e.g. "
+                      "configs/glyphs_conv4.py)")
+  args = (arg,) if arg is not None or pass_arg else ()
+  try:
+    inspect.signature(get_config).bind(*args)
+  except TypeError:
+    raise ConfigError(
+        f"get_config() of {path} takes no argument, so it has no presets; drop ':{arg}' from "
+        "--config" if args else f"get_config() of {path} needs an argument; give it after a "
+        f"colon: --config={path}:ARG") from None
+  except ValueError:  # no signature to inspect (a builtin): the call tells
+    pass
+  try:
+    config = get_config(*args)
+  except UserError:
+    raise
+  except Exception as e:  # noqa: BLE001  (whatever the file's own code raises)
+    raise ConfigError(f"get_config({', '.join(map(repr, args))}) of {path} failed: "
+                      f"{_where(e, path)}; fix the file or its presets") from None
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ConfigError(f"get_config() of {path} returned {type(config).__name__}, not an "
+                      "ml_collections.ConfigDict; return the config (a missing return?)")
+  return config
+
+
+def _missing_config_message(path: str) -> str:
+  """Says a config file does not exist, from where, and the nearest name that does."""
+  import difflib  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  where = "" if os.path.isabs(path) else f" (relative to {os.getcwd()})"
+  if os.path.isdir(path):
+    return f"config file {path} is a directory; give a .py file in it, e.g. {path}/<name>.py"
+  folder = os.path.dirname(path) or "."
+  try:
+    names = sorted(n for n in os.listdir(folder) if n.endswith(".py") and n != "__init__.py")
+  except OSError:
+    names = []
+  close = difflib.get_close_matches(os.path.basename(path), names, n=1)
+  hint = (f"did you mean {os.path.join(os.path.dirname(path), close[0])}?" if close else
+          f"{folder} holds {', '.join(names[:8])}{', ...' if len(names) > 8 else ''}" if names
+          else "give the path of a config file, e.g. configs/glyphs_conv4.py from the "
+               "repository's root")
+  return f"config file {path} does not exist{where}; {hint}"
+
+
+def _where(error: BaseException, path: str) -> str:
+  """`Type: message (line N)`, N the deepest line of the file at `path` in the traceback."""
+  import os  # pylint: disable=g-import-not-at-top
+  import traceback  # pylint: disable=g-import-not-at-top
+  lines = [f.lineno for f in traceback.extract_tb(error.__traceback__)
+           if os.path.abspath(f.filename) == os.path.abspath(path)]
+  text = f"{type(error).__name__}: {error}"
+  return text + (f" (line {lines[-1]})" if lines else "")
+
+
+def check_override(config, field: str, source: str) -> None:
+  """Raises a ConfigError naming `field` (`train.steps`) and the nearest existing field where
+  the config has no such field; `source` (the config file) is named in the message."""
+  import difflib  # pylint: disable=g-import-not-at-top
+  parts = field.split(".")
+  node = config
+  for i, part in enumerate(parts):
+    if not isinstance(node, ml_collections.ConfigDict):
+      return  # an element of a tuple or a value: ml_collections' parser checks the rest
+    if part not in node:
+      names = list(node.keys())
+      close = difflib.get_close_matches(part, names, n=1, cutoff=0.6)
+      if close:
+        guess = parts[:i] + close
+        if _has_field(config, guess + parts[i + 1:]):
+          guess += parts[i + 1:]  # a misspelt section: name the whole field
+        hint = f"did you mean {'.'.join(guess)}?"
+      else:
+        hint = f"{'.'.join(parts[:i]) or 'the config'} has {', '.join(sorted(names))}"
+      raise ConfigError(f"unknown config field {field} in {source}; {hint}")
+    node = node[part]
+
+
+def check_override_type(field: str, value, before) -> None:
+  """Raises a ConfigError where an override gives a tuple field elements of another type than
+  the config file's (`--config.train.shots=abc` for a tuple of ints); ml_collections checks
+  the type of other values, not a tuple's elements. `before` is the file's value."""
+  if not (isinstance(before, tuple) and before and isinstance(value, tuple)):
+    return
+  kinds = {type(v) for v in before}
+  if len(kinds) != 1:
+    return  # a tuple of mixed types: nothing to go by
+  kind = kinds.pop()
+  accepted = (int, float) if kind is float else (kind,)
+  if any(not isinstance(v, accepted) or (isinstance(v, bool) and kind is not bool)
+         for v in value):
+    raise ConfigError(f"--config.{field} gives {value!r}, but config.{field} holds "
+                      f"{kind.__name__} values, like {before!r}")
+
+
+def _has_field(config, parts) -> bool:
+  node = config
+  for part in parts:
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      return False
+    node = node[part]
+  return True
 
 
 def dataset_pipeline_config(arg: str | None, datasets: dict, config_dir: str,

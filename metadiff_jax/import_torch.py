@@ -55,14 +55,13 @@ import json
 import logging
 import os
 import shlex
-import sys
 from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from metadiff_jax import backbones, config_lib, mesh, schedule, torch_import, train_state
+from metadiff_jax import backbones, config_lib, errors, mesh, schedule, torch_import, train_state
 from metadiff_jax import checkpoint as checkpoint_lib
 from metadiff_jax.data import augment
 from metadiff_jax.errors import UserError
@@ -567,15 +566,6 @@ def _same_arrays(a, b) -> bool:
 
 # ----------------------------------------------------------------------------- the command
 
-class _Parser(argparse.ArgumentParser):
-  """argparse with its usage errors as one line, "error: ...", exit status 2."""
-
-  def error(self, message):
-    print(f"error: {message} (python -m metadiff_jax.import_torch --help)", file=sys.stderr,
-          flush=True)
-    sys.exit(2)
-
-
 def _image_size(text: str) -> tuple[int, ...]:
   try:
     shape = tuple(int(d) for d in text.replace("x", ",").split(","))
@@ -588,7 +578,7 @@ def _image_size(text: str) -> tuple[int, ...]:
 
 def main(argv=None) -> int:
   """The command line; returns the exit status (2 for a problem the user can fix)."""
-  parser = _Parser(
+  parser = errors.ArgumentParser(
       prog="python -m metadiff_jax.import_torch",
       description="Write PyTorch MetaDiff / ResNet12 checkpoints into a workdir as the "
                   "pipeline's own checkpoints (docs/IMPORTING.md).")
@@ -616,9 +606,8 @@ def main(argv=None) -> int:
         args.workdir, checkpoint=args.checkpoint, head=args.head, backbone=args.backbone,
         arch=args.backbone_arch, config=args.config, shots=args.shots, use_ema=args.use_ema,
         trusted=args.trusted, image_shape=args.image_size, base_classes=args.base_classes)
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    return 2
+  except (UserError, OSError) as e:  # OSError: e.g. a workdir that cannot be written
+    return errors.report(e)
   print(format_summary(summary), flush=True)
   return 0
 
@@ -652,4 +641,4 @@ def format_summary(summary: dict) -> str:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  errors.exit_command(main())

@@ -5,28 +5,30 @@ processes (`mesh.initialize_distributed`), logs the devices and calls the stages
 (`metadiff_jax.stages.run`), which a notebook can call directly without flags.
 
     --config=configs/glyphs_conv4.py:shot=1     a config file with its presets
-    --config.train.steps=2000                   a field override (the config is locked)
-    --config.stages="('train', 'eval')"         run only some stages
+    --config.train.steps=2000                   a field override (the config is locked;
+                                                repeated, the last one wins)
+    --config.stages="('train', 'eval')"         run only some stages (a tuple is given whole)
     --workdir=DIR                               where checkpoints, features and results go
     --coordinator_address=127.0.0.1:1234 --num_processes=2 --process_id=0
                                                 one of several processes (launch/local.sh)
 
-A problem the user can fix (a dataset not built, a missing earlier stage, a NaN loss) ends
-the run with a one-line message and exit status 2; what was saved before stays.
+A problem the user can fix (a config file that is missing or does not load, a misspelt field,
+a dataset not built, a missing earlier stage, a NaN loss) ends the run with one line,
+`error: ...`, as the last line of stderr and exit status 2; what was saved before stays
+(docs/ERRORS.md).
 """
 
 from __future__ import annotations
 
 import logging as pylogging
-import sys
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
+from metadiff_jax import config_flag, errors
 from metadiff_jax.errors import UserError
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "the config file (and presets)",
-                                          lock_config=True)
+
+_CONFIG = config_flag.define()
 _WORKDIR = flags.DEFINE_string("workdir", None, "the run's directory")
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None,
@@ -46,42 +48,37 @@ class _QuietLibraries(pylogging.Filter):
 
 
 def main(argv) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  del argv  # _parse_flags leaves none
   logging.get_absl_handler().addFilter(_QuietLibraries())
   from metadiff_jax import mesh, stages  # after flag parsing: keeps --help fast
   try:
     mesh.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   except ValueError as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    sys.exit(2)
+    _fail(e)
   if not mesh.is_writer():  # only process 0 logs; the others report warnings and errors
     logging.set_verbosity(logging.WARNING)
   try:
     stages.run(_CONFIG.value, _WORKDIR.value)
-  except UserError as e:
-    logging.flush()
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    sys.exit(2)
+  except (UserError, OSError) as e:  # OSError: a full disk, a path that cannot be written
+    _fail(e)
+
+
+def _fail(error) -> None:
+  logging.flush()
+  errors.exit_command(errors.report(error))
 
 
 def _parse_flags(argv):
   """absl's flag parsing, with config mistakes reported in one line (exit status 2)."""
   try:
-    return flags.FLAGS(argv)
+    rest = flags.FLAGS(argv)
+    config_flag.check_overrides()
   except Exception as e:  # noqa: BLE001  (flag and config errors arrive as several types)
-    print(f"error: {_one_line(e)}", file=sys.stderr, flush=True)
-    sys.exit(2)
-
-
-def _one_line(error: Exception) -> str:
-  text = str(error)
-  if "Error: " in text and "Traceback" in text:  # an exception raised inside get_config
-    text = text.rsplit("Error: ", 1)[-1]
-  elif isinstance(error, (AttributeError, KeyError)) or "Did you mean" in text:
-    text = (f"unknown config field {text.strip()}; check the --config.* overrides against "
-            "the config file")
-  return " ".join(text.replace("\\n", " ").split())
+    _fail(config_flag.error_line(e))
+  if len(rest) > 1:
+    _fail(f"unexpected arguments: {' '.join(rest[1:])}; every option reads --name=value "
+          "(see --help)")
+  return rest
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ TensorBoard to hide the events after it, so neither shows a step twice.
 
 `Progress` is a tqdm bar with rate and ETA on a terminal; in a log file (a batch job, where a
 bar would print one line per refresh) it logs one line every `log_every_s` seconds instead.
+`close_progress_bars` ends every bar still open, so that an error printed after a stage
+stopped mid-loop starts on a line of its own (`errors.report`).
 """
 
 from __future__ import annotations
@@ -23,10 +25,14 @@ import numbers
 import os
 import sys
 import time
+import weakref
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 _RESERVED = ("step", "time")
+
+# The Progress bars not closed yet; weak, so that a bar dropped without close() goes too.
+_OPEN_BARS: weakref.WeakSet = weakref.WeakSet()
 
 
 class MetricWriter:
@@ -239,6 +245,8 @@ class Progress:
       import tqdm
       self._bar = tqdm.tqdm(total=total, desc=desc, initial=initial, unit=unit,
                             dynamic_ncols=True, mininterval=0.5)
+    if enabled:
+      _OPEN_BARS.add(self)
 
   def update(self, n: int = 1, **postfix) -> None:
     """Advances by `n` (0 only updates the postfix); postfix values are shown as k=v."""
@@ -263,6 +271,7 @@ class Progress:
     elif self.n != self._logged_n:
       self._log()
     self.enabled = False
+    _OPEN_BARS.discard(self)
 
   def __enter__(self) -> Progress:
     return self
@@ -282,6 +291,21 @@ class Progress:
              f"{rate:.3g} {self.unit}/s", f"ETA {eta}"]
     parts += [f"{k}={_format(v)}" for k, v in self._postfix.items()]
     logging.info(", ".join(parts))
+
+
+def close_progress_bars() -> None:
+  """Closes every progress bar still open: this module's and any other tqdm bar (TFDS's).
+
+  Each ends with its last state and a newline (tqdm's `leave`), so that what is printed next,
+  such as an error, starts on a line of its own rather than after the bar's carriage return.
+  """
+  for bar in list(_OPEN_BARS):  # their tqdm bars leave their line (tqdm's default)
+    bar.close()
+  tqdm = sys.modules.get("tqdm")  # tqdm's own registry of open bars (not imported: none)
+  instances = getattr(getattr(tqdm, "tqdm", None), "_instances", None) if tqdm else None
+  for bar in list(instances or ()):
+    bar.leave = True
+    bar.close()
 
 
 def _is_terminal(stream) -> bool:

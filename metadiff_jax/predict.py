@@ -5,9 +5,10 @@
 
 `--support DIR` holds one folder per class, `DIR/<class>/<image files>`: the few labelled
 examples. `--query` takes image files and folders (several may be given); a folder's images
-are read from it and from its subfolders, and where a query folder has one subfolder per
-class, those names are taken as the true classes: the CSV then has a `true` column and the
-accuracy is printed.
+are read from it and from its subfolders, and an image in a subfolder named after a support
+class (`QUERY/<class>/...`) has that class as its true class: the CSV then has a `true`
+column and the accuracy over the labelled queries is printed. Loose files and other
+subfolders may sit beside the class folders; they are classified without a true class.
 
 What it does, in the terms of the pipeline (docs/PREDICT.md has the details):
 
@@ -42,7 +43,6 @@ import dataclasses
 import logging
 import os
 import pathlib
-import sys
 from typing import Mapping, Sequence, Union
 
 import jax
@@ -50,6 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from metadiff_jax import backbones, checkpoint, config_lib, diffusion, heads, prototypes, torch_import
+from metadiff_jax import errors
 from metadiff_jax.errors import StageError, UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
@@ -72,35 +73,47 @@ class Prediction:
     queries: the Q query names (file paths, or "query[i]" for arrays).
     probabilities: [Q, N] softmax probabilities.
     predicted: the Q most probable class names.
-    true: the Q true class names where the query folders named them, else None.
+    true: the Q true class names, None for a query without one (a loose file, an array, a
+      subfolder not named after a class); None altogether where no query has one.
     shots: the denoiser's shot setting that was used (None for method="prototypes").
     method: "metadiff" or "prototypes".
     resized: how many of the support and query images were resized to the backbone's input.
+    query_names: the Q queries as the terminal table shows them: paths relative to the query
+      folder (to the given paths' common folder where several were given), "query[i]" for
+      arrays. Empty: the same as `queries`.
   """
 
   classes: tuple[str, ...]
   queries: tuple[str, ...]
   probabilities: np.ndarray
   predicted: tuple[str, ...]
-  true: tuple[str, ...] | None
+  true: tuple[str | None, ...] | None
   shots: int | None
   method: str
   resized: int
+  query_names: tuple[str, ...] = ()
+
+  @property
+  def labelled(self) -> int:
+    """How many queries have a true class."""
+    return 0 if self.true is None else sum(t is not None for t in self.true)
 
   @property
   def accuracy(self) -> float | None:
-    """The fraction of queries whose predicted class is the true one (None if unknown)."""
-    if self.true is None:
+    """The fraction of the labelled queries whose predicted class is the true one (None if
+    no query has a true class)."""
+    if not self.labelled:
       return None
-    return float(np.mean([p == t for p, t in zip(self.predicted, self.true)]))
+    return float(np.mean([p == t for p, t in zip(self.predicted, self.true) if t is not None]))
 
   def rows(self) -> list[dict]:
-    """One dict per query: query, predicted, [true], and p(<class>) for every class."""
+    """One dict per query: query, predicted, [true ("" where unknown)], and p(<class>) for
+    every class."""
     out = []
     for i, name in enumerate(self.queries):
       row = {"query": name, "predicted": self.predicted[i]}
       if self.true is not None:
-        row["true"] = self.true[i]
+        row["true"] = "" if self.true[i] is None else self.true[i]
       row.update({f"p({c})": float(self.probabilities[i, j]) for j, c in enumerate(self.classes)})
       out.append(row)
     return out
@@ -210,11 +223,25 @@ def support_set(support) -> tuple[tuple[str, ...], list[tuple[str, ImageLike]], 
   return classes, flat, labels
 
 
-def query_set(query) -> tuple[list[tuple[str, ImageLike]], list[str] | None]:
-  """([(name, image)], true class names or None) of query files, folders or arrays.
+def query_set(query, classes: Sequence[str] | None = None
+              ) -> tuple[list[tuple[str, ImageLike]], list[str | None] | None, list[str]]:
+  """([(name, image)], true classes, shown names) of query files, folders or arrays.
 
-  A folder whose images all lie in subfolders one level down gives those subfolders' names as
-  the true classes (when every query comes from such a folder).
+  An image in a query folder's subfolder (at any depth below it) has that subfolder's name as
+  its true class, as the support folder's images have theirs, when the name is one of
+  `classes` (any name where `classes` is None); loose files, files given one by one, arrays
+  and images of other subfolders have none (a warning names those subfolders). The shown names
+  are the paths relative to the query folder, or to the given paths' common folder where
+  several were given, and "query[i]" for arrays.
+
+  Args:
+    query: a file, a folder, an array [H, W(, C)] or a batch [Q, H, W, C], or a sequence of
+      files, folders and arrays.
+    classes: the support's class names, which query subfolders must match to give a class.
+
+  Returns:
+    The Q (name, image) pairs (the name a file's path), the Q true classes (None for a query
+    without one; None altogether where no query has one), and the Q shown names.
 
   Raises:
     PredictError: a missing path, or no images at all.
@@ -223,27 +250,60 @@ def query_set(query) -> tuple[list[tuple[str, ImageLike]], list[str] | None]:
     query = list(query)
   if isinstance(query, (str, os.PathLike, np.ndarray)):
     query = [query]
-  items, true = [], []
+  known = None if classes is None else set(classes)
+  items, true, where, others = [], [], [], set()
   for i, entry in enumerate(query):
     if isinstance(entry, np.ndarray):
       items.append((f"query[{i}]", entry))
       true.append(None)
+      where.append(None)
       continue
     path = pathlib.Path(os.path.expanduser(os.fspath(entry)))
     if path.is_file():
       items.append((os.fspath(path), os.fspath(path)))
       true.append(None)
+      where.append(path)
     elif path.is_dir():
-      files = image_files(path)
-      by_class = all(pathlib.Path(f).parent.parent == path for f in files)
-      items += [(f, f) for f in files]
-      true += [pathlib.Path(f).parent.name if by_class else None for f in files]
+      for f in image_files(path):
+        parts = pathlib.Path(f).relative_to(path).parts
+        label = parts[0] if len(parts) > 1 else None
+        if label is not None and known is not None and label not in known:
+          others.add(label)
+          label = None
+        items.append((f, f))
+        true.append(label)
+        where.append(path)
     else:
       raise PredictError(f"query {path} does not exist; give image files or folders of images")
   if not items:
     raise PredictError(f"no query images in {', '.join(map(str, query))} "
                        f"({', '.join(IMAGE_EXTENSIONS)}); give image files or folders of images")
-  return items, (true if all(t is not None for t in true) else None)
+  if others:
+    logging.warning("predict: query subfolders %s are not support classes; their images have "
+                    "no true class", ", ".join(sorted(others)))
+  return items, (true if any(t is not None for t in true) else None), _shown_names(items, where)
+
+
+def _shown_names(items, where) -> list[str]:
+  """The query names as the table shows them: relative to their folder's common parent."""
+  paths = [os.path.abspath(name) for (name, _), w in zip(items, where) if w is not None]
+  folders = {os.path.abspath(w if w.is_dir() else w.parent) for w in where if w is not None}
+  base = None
+  if len(folders) == 1:
+    base = folders.pop()
+  elif folders:
+    try:
+      base = os.path.commonpath(sorted(folders))
+    except ValueError:  # paths on different drives: no common folder
+      base = None
+  shown, j = [], 0
+  for (name, _), w in zip(items, where):
+    if w is None:
+      shown.append(name)
+      continue
+    shown.append(os.path.relpath(paths[j], base) if base is not None else name)
+    j += 1
+  return shown
 
 
 # ----------------------------------------------------------------------------- the model
@@ -335,7 +395,7 @@ class Predictor:
     if method not in METHODS:
       raise PredictError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     classes, support_items, labels = support_set(support)
-    query_items, true = query_set(query)
+    query_items, true, shown = query_set(query, classes)
     arrays, resized = [], 0
     for name, image in [*support_items, *query_items]:
       array, was_resized = read_image(image, self.image_shape, name)
@@ -371,7 +431,7 @@ class Predictor:
     return Prediction(classes=classes, queries=tuple(name for name, _ in query_items),
                       probabilities=probabilities, predicted=predicted,
                       true=tuple(true) if true is not None else None, shots=used_shots,
-                      method=method, resized=resized)
+                      method=method, resized=resized, query_names=tuple(shown))
 
   def _sample(self, model, params, support_features, labels, ways, seed):
     """[N, dim] the denoised weights of one episode (the config's sampler and schedule)."""
@@ -504,20 +564,33 @@ def _folder_name(name: str) -> str:
 # ----------------------------------------------------------------------------- the command
 
 def _print_table(result: Prediction, limit: int = 20) -> None:
-  width = max(len(os.path.basename(q)) for q in result.queries[:limit])
-  print(f"{'query':<{width}}  predicted  p", flush=True)
-  for i, name in enumerate(result.queries[:limit]):
+  """The first `limit` queries: their path under the query folder, prediction and truth."""
+  names = list(result.query_names or result.queries)[:limit]
+  predicted = result.predicted[:limit]
+  name_width = max(len("query"), *map(len, names))
+  class_width = max(len("predicted"), *map(len, predicted))
+  header = f"{'query':<{name_width}}  {'predicted':<{class_width}}  {'p':<5}"
+  print(header + ("  true" if result.true is not None else ""), flush=True)
+  for i, name in enumerate(names):
     p = result.probabilities[i].max()
-    truth = "" if result.true is None else f"  (true: {result.true[i]})"
-    print(f"{os.path.basename(name):<{width}}  {result.predicted[i]}  {p:.3f}{truth}")
+    truth = result.true[i] if result.true is not None and result.true[i] is not None else ""
+    print(f"{name:<{name_width}}  {predicted[i]:<{class_width}}  {p:.3f}"
+          + (f"  {truth}" if truth else ""))
   if len(result.queries) > limit:
     print(f"... and {len(result.queries) - limit} more")
 
 
+def _accuracy_summary(result: Prediction) -> str:
+  """"accuracy A% (L of Q queries labelled); " where some queries have a true class."""
+  if result.accuracy is None:
+    return ""
+  return (f"accuracy {100 * result.accuracy:.2f}% ({result.labelled} of "
+          f"{len(result.queries)} queries labelled); ")
+
+
 def main(argv=None) -> int:
   """The command line; returns the exit status (2 for a problem the user can fix)."""
-  import argparse  # pylint: disable=g-import-not-at-top
-  parser = argparse.ArgumentParser(
+  parser = errors.ArgumentParser(
       prog="python -m metadiff_jax.predict",
       description="Classify new images from a few labelled examples with a trained workdir.")
   parser.add_argument("--workdir", required=True, help="a trained (or imported) run's workdir")
@@ -548,17 +621,16 @@ def main(argv=None) -> int:
                      method=args.method, seed=args.seed)
     out = args.out or os.path.join(os.path.expanduser(args.workdir), "predictions.csv")
     result.to_csv(out)
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    return 2
+  except (UserError, OSError) as e:  # OSError: e.g. an --out that cannot be written
+    return errors.report(e)
   _print_table(result)
   used = f"{result.shots}-shot denoiser" if result.shots is not None else "class means"
   print(f"{len(result.queries)} queries, {len(result.classes)} classes ({used}); "
         + (f"{result.resized} images resized; " if result.resized else "")
-        + (f"accuracy {100 * result.accuracy:.2f}%; " if result.accuracy is not None else "")
+        + _accuracy_summary(result)
         + f"wrote {out}", flush=True)
   return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  errors.exit_command(main())

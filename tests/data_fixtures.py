@@ -263,14 +263,44 @@ def tiered_human_name(wnid: str) -> str:
   return f"thing {wnid[1:]}, alias"
 
 
+# The forms in which the items of Ren et al.'s PNG pickles circulate (`write_tiered_ren`).
+TIERED_PNG_FORMS = ("1d", "column", "bytes", "py2_bytes", "object_array", "object_column",
+                    "imencode_pair")
+
+
+def _png_container(pngs: list[bytes], form: str):
+  """The pickled PNG list in `form`; see `write_tiered_ren`."""
+  column = [np.frombuffer(b, np.uint8).reshape(-1, 1) for b in pngs]
+  if form == "1d":
+    return [np.frombuffer(b, np.uint8) for b in pngs]
+  if form == "column":
+    return column
+  if form in ("bytes", "py2_bytes"):
+    return list(pngs)
+  if form == "imencode_pair":
+    return [(True, c) for c in column]
+  if form in ("object_array", "object_column"):
+    out = np.empty(len(pngs) if form == "object_array" else (len(pngs), 1), object)
+    for i, c in enumerate(column):
+      out[i if form == "object_array" else (i, 0)] = c
+    return out
+  raise ValueError(form)
+
+
 def write_tiered_ren(directory, spec: DatasetSpec, seed: int, bytes_keys: bool = True,
-                     with_synsets: bool = True) -> dict[str, Expected]:
+                     with_synsets: bool = True, png_form: str = "1d") -> dict[str, Expected]:
   """Ren et al.'s {split}_images_png.pkl + {split}_labels.pkl (+ synsets.txt, class_names.txt).
 
-  The PNG list holds 1-D uint8 arrays (as `cv2.imencode` returns). 'label_specific' indexes the
-  classes in a shuffled order (Ren's os.listdir order), 'label_specific_str' holds fake human
-  names; 'label_general' is garbage, as the reader must not use it. `bytes_keys` writes bytes
-  keys and bytes names (what loading with encoding="bytes" gives).
+  'label_specific' indexes the classes in a shuffled order (Ren's os.listdir order),
+  'label_specific_str' holds fake human names; 'label_general' is garbage, as the reader must
+  not use it. `bytes_keys` writes bytes keys and bytes names (what loading with
+  encoding="bytes" gives).
+
+  `png_form` is how each PNG is held: "1d" a uint8 [n] array and "column" a uint8 [n, 1] array
+  (what `cv2.imencode(...)[1]` returns, depending on the OpenCV version), "bytes" Python 3
+  bytes, "py2_bytes" a Python 2 str (a Python 2 pickle), "object_array" a numpy object array
+  [num_images] of [n, 1] arrays instead of a list, "object_column" the same as
+  [num_images, 1], "imencode_pair" cv2.imencode's whole (True, [n, 1] array) return value.
 
   Returns:
     split -> Expected; classes are spec's wnids with synsets, else the human names in
@@ -286,9 +316,12 @@ def write_tiered_ren(directory, spec: DatasetSpec, seed: int, bytes_keys: bool =
     order = rng.permutation(len(wnids))  # label_specific index i is class wnids[order[i]]
     specific = _labelled(rng, len(wnids), _count(spec))
     images = random_images(rng, len(specific), h, w, c)
-    pngs = [np.frombuffer(_png_bytes(im), np.uint8) for im in images]
-    with open(directory / f"{split}_images_png.pkl", "wb") as f:
-      pickle.dump(pngs, f, protocol=2)
+    pngs = _png_container([_png_bytes(im) for im in images], png_form)
+    if png_form == "py2_bytes":
+      dump_py2(pngs, directory / f"{split}_images_png.pkl")
+    else:
+      with open(directory / f"{split}_images_png.pkl", "wb") as f:
+        pickle.dump(pngs, f, protocol=2)
     names = [tiered_human_name(wnids[j]) for j in order]
     labels = {key("label_specific"): specific.astype(np.int32),
               key("label_specific_str"): [key(n) for n in names],

@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tiny_pipeline import TINY_OVERRIDES, run_main
+import near_ties
+from tiny_pipeline import TINY_OVERRIDES, config_from_args, episode_scores, run_main
 from metadiff_jax import schedule, tcunet
 from metadiff_jax.stages import analysis, evaluate
 
@@ -26,6 +27,10 @@ TINY_ANALYSIS = [
     "--config.analysis.val_every_steps=3", "--config.analysis.val_episodes=8",
     "--config.analysis.denoiser_steps=10", "--config.analysis.memory_inner_steps=(2, 4, 8)",
     "--config.analysis.trajectory_every=2",
+    # The eval stage's episodes as the analysis's, in every run on the fixture's workdir:
+    # test_metadiff_rows_equal_the_eval_stage runs the eval stage there, and a later run with
+    # another eval.episodes would be refused for the eval results it left (docs/WORKDIR.md).
+    "--config.eval.episodes=16",
 ]
 
 FILES = ["table2.md", "table2.json", "table3.md", "table3.json", "table4.md", "table4.json",
@@ -92,13 +97,24 @@ def test_figure4_unrolled_memory_grows_and_metadiff_stays_flat(analysed):
   assert len(set(memory["mib"]["metadiff"])) == 1
 
 
-def test_figure5_curve_ends_at_the_metadiff_row(analysed):
+def test_figure5_curve_ends_at_the_metadiff_row(analysed, data_dir):
   workdir, _ = analysed
   curves = json.load(open(os.path.join(workdir, "analysis", "fig5_convergence.json")))["curves"]
   curve = curves["1"]
   assert curve["steps"] == list(range(0, 11, 2))  # T = 10, every 2 steps
   table2 = json.load(open(os.path.join(workdir, "analysis", "table2.json")))["rows"]
-  assert curve["accuracy"][-1] == pytest.approx(table2["metadiff"]["1"]["mean"], abs=1e-9)
+  # The curve samples the row's weights in another compiled program (one that keeps the
+  # intermediate steps), equal to rounding: the accuracies agree up to the queries whose two
+  # best scores are closer than that rounding moves them (tests/near_ties.py). The row is the
+  # eval stage's (test_metadiff_rows_equal_the_eval_stage), so its scores are computed here.
+  config = config_from_args("paper_analysis", "dataset=glyphs", data_dir,
+                            [*TINY_OVERRIDES, *TINY_ANALYSIS, "--config.eval.episodes=16"])
+  computed = episode_scores(config, workdir)
+  tol = (near_ties.cosine_perturbation_tolerance(0.0, near_ties.SAMPLER_ROUNDING)
+         + near_ties.cosine_rounding_tolerance(computed["features"].shape[1], shots=1))
+  near = near_ties.margins(computed["metadiff"]["scores"]) < tol
+  assert abs(curve["accuracy"][-1] - table2["metadiff"]["1"]["mean"]) <= near.mean() + 1e-9, (
+      curve["accuracy"][-1], table2["metadiff"]["1"]["mean"], int(near.sum()))
 
 
 def test_a_second_run_reuses_every_result(analysed, data_dir):
@@ -152,7 +168,17 @@ def test_trajectory_last_point_is_the_sampler_output():
   assert acc.shape == loss.shape == (episodes, 5)
   m = evaluate.episode_metrics(model, variables, sched, features, support_idx, support_labels,
                                query_idx, query_labels, index, key, ways)
-  np.testing.assert_array_equal(np.asarray(acc[:, -1]), np.asarray(m["accuracy"]))
+  # Two compiled programs of one sampler: the same weights up to rounding, so the same
+  # accuracies up to the queries whose two best scores nearly tie (tests/near_ties.py).
+  sampled = evaluate.episode_scores(model, variables, sched, features, support_idx,
+                                    support_labels, query_idx, index, key, ways)["weights"]
+  moved = near_ties.relative_errors(w0, sampled)
+  assert moved.max() <= near_ties.SAMPLER_ROUNDING, moved.max()
+  scores = near_ties.cosine_scores(np.asarray(features)[np.asarray(query_idx)], w0)
+  tol = (near_ties.cosine_perturbation_tolerance(0.0, near_ties.SAMPLER_ROUNDING)
+         + near_ties.cosine_rounding_tolerance(dim, shots))
+  near_ties.assert_accuracy_within_near_ties(acc[:, -1], m["accuracy"],
+                                             near_ties.margins(scores) < tol)
   np.testing.assert_allclose(np.asarray(loss[:, -1]), np.asarray(m["support_loss"]),
                              rtol=1e-5)
   # The divergence diagnostic's last point is the eval stage's norm ratio.

@@ -108,6 +108,7 @@ def test_eval_end_to_end_benchmark_runs_and_writes_json(tmp_path):
   assert result["num_images"] == 120 and result["feature_dim"] == 64
   for key in ("embed_s", "episodes_s", "total_s", "baseline_episodes_per_s"):
     assert _positive(result[key]), key
-  # The baseline (one episode at a time, Python loop) classifies as the batched sampler does.
+  # The baseline (one episode at a time, Python loop) classifies as the batched sampler does,
+  # up to queries whose two best scores nearly tie (two compiled programs round differently).
   assert result["baseline_accuracy_equal"] == 2
   assert 0 <= result["mean_accuracy"] <= 1

@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import http.server
 import io
 import logging
 import pickle
 import shutil
+import socket
+import threading
+import time
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from data_fixtures import (Py2Pickler, dump_py2, write_cifar100_archive, write_cifar_metaoptnet,
-                           write_image_folder, write_mini_imagenet_cache,
+from data_fixtures import (TIERED_PNG_FORMS, Py2Pickler, dump_py2, write_cifar100_archive,
+                           write_cifar_metaoptnet, write_image_folder, write_mini_imagenet_cache,
                            write_mini_imagenet_gidaris, write_mini_imagenet_jpeg,
                            write_tiered_metaoptnet, write_tiered_ren)
-from metadiff_jax.data import formats
+from metadiff_jax.data import builders, formats
 from metadiff_jax.data.errors import DataError
 from metadiff_jax.data.spec import SPLITS, DatasetSpec, standard_spec
 
@@ -145,6 +150,40 @@ def test_tiered_ren(tmp_path, bytes_keys, with_synsets):
   check_round_trip(got, expected)
   if with_synsets:
     assert got["train"].class_names == TIERED.classes["train"]
+
+
+@pytest.mark.parametrize("png_form", TIERED_PNG_FORMS)
+def test_tiered_ren_every_png_item_form(tmp_path, png_form):
+  # cv2.imencode returns [n, 1] arrays in current OpenCV; the released files hold [n] arrays.
+  expected = write_tiered_ren(tmp_path, TIERED, 9, png_form=png_form)
+  check_round_trip(formats.read_tiered_imagenet(tmp_path, TIERED), expected)
+
+
+@pytest.mark.parametrize("bad,what", [
+    (None, "NoneType"),
+    (np.zeros((84, 84, 3), np.uint8), "uint8 array of shape (84, 84, 3)"),  # decoded pixels
+    (np.zeros((7, 2), np.uint8), "uint8 array of shape (7, 2)"),
+    (np.linspace(0, 1, 9), "float64 array of shape (9,)"),
+    (np.frombuffer(b"n01530575/img.JPEG", np.uint8).reshape(-1, 1), "starts with bytes 6e 30"),
+    (b"GARBAGE!", "starts with bytes 47 41"),
+])
+def test_tiered_ren_refuses_a_non_image_item_when_read(tmp_path, bad, what):
+  write_tiered_ren(tmp_path, TIERED, 0, png_form="column")
+  path = tmp_path / "val_images_png.pkl"
+  pngs = pickle.loads(path.read_bytes())
+  pngs[4] = bad
+  path.write_bytes(pickle.dumps(pngs))
+  with pytest.raises(DataError) as excinfo:
+    formats.read_tiered_imagenet(tmp_path, TIERED)  # before any image is decoded or written
+  check_error(excinfo, "val_images_png.pkl", "item 4", what)
+
+
+def test_tiered_ren_refuses_a_pickle_that_is_not_a_list(tmp_path):
+  write_tiered_ren(tmp_path, TIERED, 0)
+  (tmp_path / "train_images_png.pkl").write_bytes(pickle.dumps({"images": []}))
+  with pytest.raises(DataError) as excinfo:
+    formats.read_tiered_imagenet(tmp_path, TIERED)
+  check_error(excinfo, "train_images_png.pkl", "not a list of encoded images")
 
 
 def test_tiered_metaoptnet_flips_bgr_to_rgb(tmp_path):
@@ -346,6 +385,151 @@ def test_fc100_archive_with_inconsistent_coarse_labels(tmp_path):
     formats.read_fc100(tmp_path, spec, archive_md5=archive.md5)
   check_error(excinfo, "cifar-100-python.tar.gz", "superclass")
   formats.read_cifar_fs(tmp_path, CIFAR_FS.subset(None, 2), archive_md5=archive.md5)
+
+
+# --- the CIFAR-100 download (only ever to 127.0.0.1) ----------------------------------------
+
+
+@pytest.fixture
+def loopback_only(monkeypatch):
+  """No proxy, so a request to 127.0.0.1 stays on this machine."""
+  for var in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY",
+              "ALL_PROXY"):
+    monkeypatch.delenv(var, raising=False)
+  monkeypatch.setenv("no_proxy", "*")
+  monkeypatch.setenv("NO_PROXY", "*")
+
+
+def _closed_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def _archive_server(data: bytes, mode: str = "ok"):
+  """An HTTP server on 127.0.0.1 serving `data`; yields its URL for the archive.
+
+  mode "ok" sends it all, "stall" sends the headers and half the data and then nothing.
+  """
+  release = threading.Event()
+
+  class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802  (the http.server name)
+      self.send_response(200)
+      self.send_header("Content-Length", str(len(data)))
+      self.end_headers()
+      if mode == "ok":
+        self.wfile.write(data)
+      else:
+        self.wfile.write(data[:len(data) // 2])
+        self.wfile.flush()
+        release.wait(30)
+
+    def log_message(self, *args):
+      pass
+
+  server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+  thread = threading.Thread(target=server.serve_forever, daemon=True)
+  thread.start()
+  try:
+    yield f"http://127.0.0.1:{server.server_address[1]}/{formats.CIFAR100_ARCHIVE}"
+  finally:
+    release.set()
+    server.shutdown()
+    server.server_close()
+
+
+def _build_offline(tmp_path, name: str = "fc100", manual_dir=None) -> tuple[str, float]:
+  """Builds `name` from nothing; returns the one-line error and the seconds it took."""
+  builder = builders.make_builder(name, str(tmp_path / "tfds"),
+                                  None if manual_dir is None else str(manual_dir))
+  start = time.monotonic()
+  with pytest.raises(DataError) as excinfo:
+    builders.build(builder)
+  elapsed = time.monotonic() - start
+  message = check_error(excinfo, formats.CIFAR100_ARCHIVE, formats.CIFAR100_MD5, "--manual_dir")
+  assert not (tmp_path / "tfds" / "downloads" / formats.CIFAR100_ARCHIVE).exists()
+  return message, elapsed
+
+
+def test_cifar_download_refused_stops_at_once(tmp_path, monkeypatch, loopback_only):
+  url = f"http://127.0.0.1:{_closed_port()}/{formats.CIFAR100_ARCHIVE}"
+  monkeypatch.setattr(builders, "CIFAR100_URL", url)
+  message, elapsed = _build_offline(tmp_path)
+  assert url in message and "refused" in message, message
+  assert "--manual_dir DIR, DIR holding cifar-100-python.tar.gz" in message
+  assert "FC100_{train,val,test}.pickle" in message
+  assert elapsed < 30, elapsed  # with the default limits: one attempt, no retries
+
+
+def test_cifar_download_without_an_answer_gives_up(tmp_path, monkeypatch, loopback_only):
+  # A port that accepts connections but never answers: what a filtered network looks like.
+  with socket.socket() as silent:
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    url = f"http://127.0.0.1:{silent.getsockname()[1]}/{formats.CIFAR100_ARCHIVE}"
+    monkeypatch.setattr(builders, "CIFAR100_URL", url)
+    monkeypatch.setattr(builders, "DOWNLOAD_ANSWER_S", 1.0)
+    message, elapsed = _build_offline(tmp_path, "cifar_fs")
+  assert "no answer within 1 s" in message and url in message, message
+  assert "CIFAR_FS_{train,val,test}.pickle" in message
+  assert elapsed < 30, elapsed
+
+
+def test_cifar_download_with_a_hanging_name_lookup_gives_up(tmp_path, monkeypatch,
+                                                           loopback_only):
+  # Where DNS is unreachable, getaddrinfo blocks for its own timeouts, which no socket timeout
+  # bounds. The lookup here never leaves the process: it sleeps, then fails.
+  def hanging_lookup(*args, **kwargs):
+    time.sleep(60)
+    raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+  monkeypatch.setattr(socket, "getaddrinfo", hanging_lookup)
+  monkeypatch.setattr(builders, "CIFAR100_URL", "http://cifar.invalid/cifar-100-python.tar.gz")
+  monkeypatch.setattr(builders, "DOWNLOAD_ANSWER_S", 1.0)
+  message, elapsed = _build_offline(tmp_path)
+  assert "no answer within 1 s" in message and "http://cifar.invalid/" in message, message
+  assert elapsed < 30, elapsed  # the build did not wait for the lookup
+
+
+def test_cifar_download_names_the_manual_dir_that_lacks_the_files(tmp_path, monkeypatch,
+                                                                   loopback_only):
+  monkeypatch.setattr(builders, "CIFAR100_URL", f"http://127.0.0.1:{_closed_port()}/x.tar.gz")
+  (tmp_path / "mine").mkdir()
+  message, _ = _build_offline(tmp_path, manual_dir=tmp_path / "mine")
+  assert f"{tmp_path / 'mine'} holds neither cifar-100-python.tar.gz nor" in message
+  assert f"--manual_dir {tmp_path / 'mine'}," in message
+
+
+def test_cifar_download_that_stalls_leaves_nothing(tmp_path, monkeypatch, loopback_only):
+  monkeypatch.setattr(builders, "DOWNLOAD_STALL_S", 1.0)
+  path = tmp_path / formats.CIFAR100_ARCHIVE
+  with _archive_server(bytes(range(256)) * 64, mode="stall") as url:
+    with pytest.raises(builders.DownloadFailed, match="stopped after"):
+      builders.download_file(url, str(path), None)
+  assert list(tmp_path.iterdir()) == []
+
+
+def test_cifar_download_checks_md5_then_builds_and_is_reused(tmp_path, monkeypatch,
+                                                              loopback_only, cifar_archive):
+  data = cifar_archive.path.read_bytes()
+  with _archive_server(data) as url:
+    with pytest.raises(builders.DownloadFailed, match=f"has md5 {cifar_archive.md5}, not 0+"):
+      builders.download_file(url, str(tmp_path / "bad" / "a.tar.gz"), "0" * 32)
+    assert list((tmp_path / "bad").iterdir()) == []
+    # A damaged earlier copy is not trusted: it is downloaded again.
+    downloaded = tmp_path / "tfds" / "downloads" / formats.CIFAR100_ARCHIVE
+    downloaded.parent.mkdir(parents=True)
+    downloaded.write_bytes(data[:100])
+    monkeypatch.setattr(builders, "CIFAR100_URL", url)
+    builders.build(builders.make_builder("fc100", str(tmp_path / "tfds"), spec=FC100,
+                                         archive_md5=cifar_archive.md5))
+  assert downloaded.read_bytes() == data
+  # Once there, the archive is used without a network.
+  monkeypatch.setattr(builders, "CIFAR100_URL", f"http://127.0.0.1:{_closed_port()}/x")
+  builders.build(builders.make_builder("cifar_fs", str(tmp_path / "tfds"), spec=CIFAR_FS,
+                                       archive_md5=cifar_archive.md5))
 
 
 def test_wrong_class_set(tmp_path):

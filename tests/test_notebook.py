@@ -5,10 +5,12 @@ editable, never reaching GitHub), a temporary workdir and data directory, and TI
 shrinks the dataset and every stage to seconds. The kernel is this interpreter, on the CPU.
 """
 
+import os
 import sys
 import time
 
 import nbformat
+import pytest
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import KernelManager
 from nbclient import NotebookClient
@@ -50,7 +52,145 @@ def test_notebook_is_stored_clean():
   source = tagged(nb, "parameters").source
   for name in ("INSTALL_SOURCE", "WORKDIR", "DATA_DIR", "TINY"):
     assert f"\n{name} = " in f"\n{source}", name
+  # No address that no one has confirmed: the user names the source.
+  assert '\nINSTALL_SOURCE = ""' in f"\n{source}"
+  assert "github.com" not in "".join(c.source for c in nb.cells)
   assert "predict.predict(WORKDIR" in tagged(nb, "predict").source
+
+
+# ----------------------------------------------------------------------------- the install cell
+
+def test_an_empty_install_source_stops_with_one_line(tmp_path, monkeypatch):
+  """In a kernel, as Colab runs it: the install cell's output is one `error:` line naming
+  INSTALL_SOURCE and the ways to set it, and nothing is installed."""
+  nb = read_notebook()
+  nb.cells = [tagged(nb, "parameters"), tagged(nb, "install")]
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  client = NotebookClient(nb, km=kernel_manager(), timeout=120, kernel_name="python3",
+                          allow_errors=True, resources={"metadata": {"path": str(tmp_path)}})
+  client.execute(cleanup_kc=True)
+  outputs = nb.cells[1].outputs
+  errors = [o for o in outputs if o.output_type == "error"]
+  assert len(errors) == 1 and not [o for o in outputs if o.output_type == "stream"], outputs
+  assert len(errors[0].traceback) == 1, errors[0].traceback
+  line = errors[0].traceback[0]
+  assert line.startswith("error: INSTALL_SOURCE is empty; set INSTALL_SOURCE"), line
+  assert "git archive" in line and "folder" in line and "URL" in line
+
+
+class _Commands:
+  """Stands in for subprocess.Popen in the install cell: records commands, runs none; those
+  whose program is in `failing` exit with status 128."""
+
+  def __init__(self, failing=()):
+    self.run, self.failing, self.returncode = [], failing, 0
+
+  def __call__(self, command, **kwargs):
+    del kwargs
+    self.run.append(list(command))
+    self.returncode = 128 if command[0] in self.failing else 0
+    return self
+
+  stdout = ()
+
+  def wait(self):
+    return self.returncode
+
+
+def run_install_cell(monkeypatch, failing=(), **parameters):
+  """The install cell's code with `parameters`, in this process, commands recorded (those of
+  the programs in `failing` fail); returns (its namespace, the commands)."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  commands = _Commands(failing)
+  monkeypatch.setattr(subprocess, "Popen", commands)
+  monkeypatch.setattr(sys, "path", list(sys.path))
+  monkeypatch.chdir(REPO)  # the cell changes directory; this restores it
+  namespace = {"WORKDIR": "run", "DATA_DIR": "tfds", "JAX_EXTRA": None, **parameters}
+  exec(compile(tagged(read_notebook(), "install").source, "install", "exec"), namespace)  # pylint: disable=exec-used
+  return namespace, commands.run
+
+
+def fake_repository(root):
+  """The files the install cell looks for (setup.cfg, metadiff_jax/, configs/)."""
+  (root / "metadiff_jax").mkdir(parents=True)
+  (root / "configs").mkdir()
+  (root / "setup.cfg").write_text("[metadata]\nname = metadiff_jax\n")
+  (root / "configs" / "glyphs_conv4.py").write_text("")
+  return root
+
+
+def test_the_install_cell_takes_an_archive_or_a_folder(tmp_path, monkeypatch):
+  import shutil  # pylint: disable=g-import-not-at-top
+  repo = fake_repository(tmp_path / "clone" / "metadiff_jax")
+  # An archive as `git archive --prefix=metadiff_jax/` or a zipped folder makes it.
+  archive = shutil.make_archive(str(tmp_path / "metadiff_jax"), "zip", tmp_path / "clone")
+  unpacked = tmp_path / "source"
+  namespace, commands = run_install_cell(monkeypatch, INSTALL_SOURCE=archive,
+                                         SOURCE_DIR=str(unpacked))
+  assert namespace["CHECKOUT"] == str(unpacked / "metadiff_jax")
+  assert (unpacked / "metadiff_jax" / "configs" / "glyphs_conv4.py").exists()
+  assert commands == [[sys.executable, "-m", "pip", "install", "-q", "-e",
+                       str(unpacked / "metadiff_jax")]]
+  assert os.getcwd() == str(unpacked / "metadiff_jax")
+  # Run again: the unpacked copy is reused; a .tar.gz without a top folder works too.
+  (unpacked / "metadiff_jax" / "kept").write_text("")
+  run_install_cell(monkeypatch, INSTALL_SOURCE=archive, SOURCE_DIR=str(unpacked))
+  assert (unpacked / "metadiff_jax" / "kept").exists()
+  tarball = shutil.make_archive(str(tmp_path / "flat"), "gztar", repo)
+  namespace, _ = run_install_cell(monkeypatch, INSTALL_SOURCE=tarball,
+                                  SOURCE_DIR=str(tmp_path / "flat_source"))
+  assert namespace["CHECKOUT"] == str(tmp_path / "flat_source")
+  # A folder (a clone, or one on Google Drive) is installed where it is.
+  namespace, commands = run_install_cell(monkeypatch, INSTALL_SOURCE=str(repo),
+                                         SOURCE_DIR=str(tmp_path / "unused"))
+  assert namespace["CHECKOUT"] == str(repo) and commands[-1][-1] == str(repo)
+  assert not (tmp_path / "unused").exists()
+
+
+def test_the_install_cell_refuses_what_it_cannot_use_in_one_line(tmp_path, monkeypatch):
+  def refused(source, source_dir=tmp_path / "source", failing=()):
+    with pytest.raises(Exception) as error:  # the cell's own class, InstallSourceError
+      run_install_cell(monkeypatch, failing, INSTALL_SOURCE=source, SOURCE_DIR=str(source_dir))
+    assert type(error.value).__name__ == "InstallSourceError", error.value
+    (line,) = error.value._render_traceback_()  # pylint: disable=protected-access
+    assert line.startswith("error: ") and "\n" not in line
+    return line
+
+  assert "INSTALL_SOURCE is empty" in refused("")
+  assert "INSTALL_SOURCE is empty" in refused("   ")
+  assert "does not exist" in refused(str(tmp_path / "absent.zip"))
+  assert "drive.mount" in refused("/content/drive/MyDrive/metadiff_jax.zip")
+  wheel = tmp_path / "metadiff_jax-0.1-py3-none-any.whl"
+  wheel.write_bytes(b"PK")
+  assert "wheel" in refused(str(wheel)) and "configs/" in refused(str(wheel))
+  notes = tmp_path / "notes.txt"
+  notes.write_text("not an archive")
+  assert "neither a folder nor" in refused(str(notes))
+  (tmp_path / "empty").mkdir()
+  assert "does not hold the metadiff_jax repository" in refused(str(tmp_path / "empty"))
+  # An unpacking target that holds other files is left alone.
+  import shutil  # pylint: disable=g-import-not-at-top
+  fake_repository(tmp_path / "clone" / "metadiff_jax")
+  archive = shutil.make_archive(str(tmp_path / "a"), "zip", tmp_path / "clone")
+  (tmp_path / "busy").mkdir()
+  (tmp_path / "busy" / "mine.txt").write_text("keep")
+  assert "already holds other files" in refused(archive, tmp_path / "busy")
+  assert (tmp_path / "busy" / "mine.txt").read_text() == "keep"
+  # A truncated archive stops in one line; once whole again, it is unpacked afresh.
+  truncated = tmp_path / "truncated.tar.gz"
+  whole = shutil.make_archive(str(tmp_path / "whole"), "gztar", tmp_path / "clone")
+  truncated.write_bytes(open(whole, "rb").read()[:300])
+  assert "cannot unpack" in refused(str(truncated), tmp_path / "partial")
+  shutil.copy(whole, truncated)
+  namespace, _ = run_install_cell(monkeypatch, INSTALL_SOURCE=str(truncated),
+                                  SOURCE_DIR=str(tmp_path / "partial"))
+  assert namespace["CHECKOUT"] == str(tmp_path / "partial" / "metadiff_jax")
+  # A URL: git's failure (a wrong address, no network), a clone without the repository, and
+  # a clone target that holds other files.
+  url = "https://example.org/someone/metadiff_jax.git"
+  assert "git could not clone" in refused(url, tmp_path / "clone_a", failing=("git",))
+  assert "does not hold the metadiff_jax repository" in refused(url, tmp_path / "clone_b")
+  assert "already holds other files" in refused(url, tmp_path / "busy")
 
 
 def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):

@@ -17,8 +17,10 @@ import jax
 import numpy as np
 import pytest
 
+import near_ties
 from conftest import REPO
-from tiny_pipeline import TINY_OVERRIDES, cpu_env, load_config, run_main, tiny_config
+from tiny_pipeline import (TINY_OVERRIDES, cpu_env, episode_scores, load_config, run_main,
+                           tiny_config)
 from metadiff_jax import checkpoint, config_lib, stages
 from metadiff_jax.data import episodes
 from metadiff_jax.data.errors import DataError
@@ -116,20 +118,22 @@ def test_train_and_eval_stages(data_dir, upstream, tmp_path):
   for method in ("metadiff", "untrained", "prototypes"):
     assert result[method]["n"] == 20 and 0 <= result[method]["mean"] <= 1
   assert result["untrained"]["norm_ratio"] > 0
-  # The class-mean row, recomputed here from the cached test features with numpy.
-  test = common.split_features(config, workdir, "test", progress=False)
+  # The class-mean row, recomputed here from the test features the stage sees, with numpy
+  # in float64. The stage scores in float32, so a query whose two best scores are closer than
+  # float32 rounding can go either way: the rows agree up to those near-ties
+  # (tests/near_ties.py derives the bound).
+  test = common.diffusion_features(
+      config, common.split_features(config, workdir, "test", progress=False))
   sampler = episodes.EpisodeSampler(test.labels, 5, 1, 15, config.seed, "test")
   eps = sampler.batch(0, 20)
-  accs = []
-  for b in range(20):
-    support, query = test.features[eps.support[b]], test.features[eps.query[b]]
-    protos = np.stack([support[eps.support_labels[b] == k].mean(0) for k in range(5)])
-    cos = (query / np.linalg.norm(query, axis=1, keepdims=True)) @ (
-        protos / np.linalg.norm(protos, axis=1, keepdims=True)).T
-    accs.append(np.mean(cos.argmax(1) == eps.query_labels[b]))
-  assert result["prototypes"]["mean"] == pytest.approx(np.mean(accs), abs=1e-6)
-  assert result["prototypes"]["ci95"] == pytest.approx(1.96 * np.std(accs) / np.sqrt(20),
-                                                       abs=1e-6)
+  support, query = test.features[eps.support], test.features[eps.query]
+  protos = np.stack([support[eps.support_labels == k].reshape(20, -1, support.shape[-1])
+                     .mean(1) for k in range(5)], axis=1)
+  scores = near_ties.cosine_scores(query, protos)
+  accs = np.mean(scores.argmax(-1) == eps.query_labels, axis=-1)
+  tol = near_ties.cosine_rounding_tolerance(test.features.shape[1], shots=1)
+  near_ties.assert_within_near_ties(result["prototypes"], evaluate.summarize(accs),
+                                    near_ties.margins(scores) < tol, "class means")
   saved = json.load(open(os.path.join(workdir, "results.json")))
   assert saved["results"]["1shot"]["metadiff"] == result["metadiff"]
   md = open(os.path.join(workdir, "results.md")).read()
@@ -175,8 +179,15 @@ def test_the_whole_pipeline_from_the_command_line(data_dir, tmp_path):
   assert [r["num_sampling_steps"] for r in steps["respaced"]] == [1, 5, 10]
   assert steps["respaced"][-1]["mean"] == pytest.approx(results["metadiff"]["mean"], abs=1e-9)
   assert [t["steps_taken"] for t in steps["trajectory"]] == [0, 5, 10]
-  assert steps["trajectory"][-1]["accuracy"] == pytest.approx(results["metadiff"]["mean"],
-                                                              abs=1e-6)
+  # The trajectory's last point samples the same weights in another compiled program (one
+  # that keeps the intermediate steps), equal to rounding: the accuracies agree up to the
+  # queries whose two best scores are closer than that rounding moves them.
+  computed = episode_scores(tiny_config(data_dir), workdir)
+  tol = (near_ties.cosine_perturbation_tolerance(0.0, near_ties.SAMPLER_ROUNDING)
+         + near_ties.cosine_rounding_tolerance(computed["features"].shape[1], shots=1))
+  near = near_ties.margins(computed["metadiff"]["scores"]) < tol
+  assert abs(steps["trajectory"][-1]["accuracy"] - results["metadiff"]["mean"]) <= (
+      near.mean() + 1e-9), (steps["trajectory"][-1], results["metadiff"], int(near.sum()))
   assert out.with_suffix(".png").exists() and out.with_suffix(".md").exists()
 
 

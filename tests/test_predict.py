@@ -258,3 +258,67 @@ def test_a_workdirs_config_reads_back_as_written(trained_workdir, tmp_path):
   (tmp_path / "config.json").write_text("{not json")
   with pytest.raises(ConfigError, match="cannot read .*config.json"):
     load_config("from_workdir", str(tmp_path))
+
+
+# ----------------------------------------------------------------------------- query folders
+
+def test_a_mixed_query_folder_keeps_the_true_classes_it_has(trained_workdir, example, tmp_path,
+                                                            capsys):
+  """Class folders beside loose files and a subfolder of no class: the class folders' images
+  keep their true classes, the accuracy is over them, and the table shows paths relative to
+  the query folder (every class folder holds 000.png, so bare names would repeat)."""
+  support, query = example
+  mixed = tmp_path / "mixed"
+  classes = sorted(os.listdir(support))
+  for c in classes:  # numbered per class, as a user's folders often are
+    os.makedirs(mixed / c)
+    for j, f in enumerate(sorted(os.listdir(os.path.join(query, c)))):
+      shutil.copy(os.path.join(query, c, f), mixed / c / f"{j:03d}.png")
+  shutil.copy(mixed / classes[0] / "000.png", mixed / "loose.png")
+  os.makedirs(mixed / "unsorted")
+  shutil.copy(mixed / classes[1] / "001.png", mixed / "unsorted" / "000.png")
+
+  result = predict.predict(trained_workdir, support, str(mixed))
+  by_name = dict(zip(result.query_names, range(len(result.queries))))
+  assert len(by_name) == 52  # relative paths: no two alike
+  assert result.labelled == 50
+  assert result.true[by_name["loose.png"]] is None
+  assert result.true[by_name[os.path.join("unsorted", "000.png")]] is None
+  for c in classes:
+    assert result.true[by_name[os.path.join(c, "000.png")]] == c
+  labelled = [i for i, t in enumerate(result.true) if t is not None]
+  expected = np.mean([result.predicted[i] == result.true[i] for i in labelled])
+  assert result.accuracy == pytest.approx(expected)
+
+  out = tmp_path / "p.csv"
+  assert predict.main(["--workdir", trained_workdir, "--support", support, "--query",
+                       str(mixed), "--out", str(out)]) == 0
+  printed = capsys.readouterr().out
+  lines = printed.splitlines()
+  assert lines[0].startswith("query ") and lines[0].endswith("true")
+  for line, name in zip(lines[1:21], result.query_names[:20]):
+    assert line.startswith(f"{name}  "), (line, name)
+  assert any(line.startswith(f"{os.path.join(classes[0], '000.png')} ") for line in lines)
+  assert f"accuracy {100 * result.accuracy:.2f}% (50 of 52 queries labelled)" in printed
+  rows = {os.path.relpath(r["query"], mixed): r for r in read_csv(out)}
+  assert rows["loose.png"]["true"] == "" and rows[os.path.join(classes[0], "000.png")]["true"]
+
+
+def test_query_names_are_relative_to_the_query_folders(tmp_path):
+  for path in ("q/a/x.png", "q/b/x.png", "q/x.png", "r/x.png", "r/a/deep/x.png"):
+    (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / path)
+  items, true, shown = predict.query_set(tmp_path / "q", classes=("a", "b"))
+  assert shown == ["x.png", os.path.join("a", "x.png"), os.path.join("b", "x.png")]
+  assert true == [None, "a", "b"]
+  # Several folders: relative to their common parent, so that they stay apart; a subfolder
+  # not named after a class gives none, and a class folder's images at any depth its class.
+  items, true, shown = predict.query_set([tmp_path / "q", tmp_path / "r"], classes=("a",))
+  assert shown == [os.path.join("q", "x.png"), os.path.join("q", "a", "x.png"),
+                   os.path.join("q", "b", "x.png"), os.path.join("r", "x.png"),
+                   os.path.join("r", "a", "deep", "x.png")]
+  assert true == [None, "a", None, None, "a"]
+  # No class folder at all: no true classes; files one by one and arrays keep their names.
+  items, true, shown = predict.query_set([tmp_path / "r" / "x.png",
+                                          np.zeros((4, 4), np.uint8)], classes=("a",))
+  assert true is None and shown == ["x.png", "query[1]"]

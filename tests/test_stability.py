@@ -280,7 +280,7 @@ TINY_STABILITY = [
     "--config.stability.episodes=16", "--config.stability.steps=10",
     "--config.stability.diagnostic_episodes=8", "--config.stability.diagnostic_buckets=5",
     "--config.stability.trajectory_every=2", "--config.stability.learning_rates=(1e-3,)",
-    "--config.train.val_every_steps=5",
+    "--config.stability.val_every_steps=5",
 ]
 
 

@@ -5,6 +5,7 @@
   python -m metadiff_jax.data build mini_imagenet --data_dir D --manual_dir M
   python -m metadiff_jax.data build image_folder --manual_dir ROOT --config flowers --image_size 84
   python -m metadiff_jax.data inspect glyphs --data_dir D --split test --out episode.png
+  python -m metadiff_jax.data export glyphs --out glyph_folder   # as an image folder
 
 A bad input prints one line starting with "error:" and exits with status 2; nothing already
 built is touched.
@@ -15,18 +16,20 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 import time
 
 import numpy as np
+import tensorflow_datasets as tfds
 
+from metadiff_jax import errors
 from metadiff_jax.data import builders, episodes, load
 from metadiff_jax.data.errors import DataError
+from metadiff_jax.errors import UserError
 
 
 def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m metadiff_jax.data", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = errors.ArgumentParser(prog="python -m metadiff_jax.data", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = p.add_subparsers(dest="command", required=True)
   names = list(builders.BUILDERS)
 
@@ -46,6 +49,13 @@ def _parser() -> argparse.ArgumentParser:
   b.add_argument("--images_per_class", type=int, default=None,
                  help="glyphs, textures only")
   b.add_argument("--seed", type=int, default=None, help="glyphs, textures only")
+
+  e = sub.add_parser("export", help="write a built dataset as an image folder of PNGs "
+                     "(OUT/{train,val,test}/<class>/*.png), the layout of image_folder")
+  e.add_argument("name", choices=names)
+  e.add_argument("--data_dir", default=load.DEFAULT_DATA_DIR)
+  e.add_argument("--config", default=None)
+  e.add_argument("--out", required=True, help="a new folder")
 
   i = sub.add_parser("inspect", help="print counts and write a PNG of one episode")
   i.add_argument("name", choices=names)
@@ -84,13 +94,57 @@ def build(args) -> int:
   builder = builders.make_builder(args.name, args.data_dir, args.manual_dir,
                                   config=_builder_config(args))
   start = time.perf_counter()
-  path = builders.build(builder)
-  counts = {s: builder.info.splits[s].num_examples for s in builders.SPLITS}
-  classes = builder.info.metadata.get("num_classes", {})
-  print(f"built {args.name} in {time.perf_counter() - start:.1f} s: {path}")
+  kept = []
+
+  def report(line):
+    print(line, flush=True)
+    kept.append(line.startswith("kept"))
+
+  path = builders.build(builder, report=report)
+  # Read back from disk: a rebuild replaced what `builder` saw when it was made.
+  built = tfds.builder_from_directory(path)
+  counts = {s: built.info.splits[s].num_examples for s in builders.SPLITS}
+  classes = built.info.metadata.get("num_classes", {})
+  if kept and kept[-1]:
+    print(f"{args.name} already built: {path}")
+  else:
+    print(f"built {args.name} in {time.perf_counter() - start:.1f} s: {path}")
   for s in builders.SPLITS:
     print(f"  {s:5s}: {classes.get(s, '?')} classes, {counts[s]} images")
+  stats = built.info.metadata.get("normalization")
+  if stats:
+    print(f"  train pixel mean {_rounded(stats['mean'])}, std {_rounded(stats['std'])}")
   return 0
+
+
+def _rounded(values) -> str:
+  return "(" + ", ".join(f"{v:.4f}" for v in values) + ")"
+
+
+def export(args) -> int:
+  """Writes a built dataset as an image folder: OUT/{train,val,test}/<class>/<index>.png."""
+  from PIL import Image
+  ref = load.DatasetRef(args.name, args.data_dir, args.config)
+  out = os.path.expanduser(args.out)
+  if os.path.exists(out) and os.listdir(out):
+    raise DataError(f"{out} exists and is not empty; give a new folder as --out")
+  for split in builders.SPLITS:
+    data = load.load_split(ref, split, progress=False)
+    names = [_folder_name(n, i) for i, n in enumerate(data.class_names)]
+    for i, (image, label) in enumerate(zip(data.images, data.labels)):
+      folder = os.path.join(out, split, names[label])
+      os.makedirs(folder, exist_ok=True)
+      Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(
+          os.path.join(folder, f"{i:06d}.png"))
+    print(f"  {split:5s}: {data.num_classes} classes, {len(data.labels)} images")
+  print(f"exported {args.name} to {out}")
+  return 0
+
+
+def _folder_name(name: str, index: int) -> str:
+  """A class name safe as one folder name, prefixed with its index to keep names distinct."""
+  safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name).strip("._")
+  return f"{index:04d}_{safe}"[:80]
 
 
 def inspect(args) -> int:
@@ -153,15 +207,26 @@ def episode_grid(data: load.SplitArrays, ep: episodes.Episodes, path: str, title
   plt.close(fig)
 
 
+def _not_tfds_chatter(record: logging.LogRecord) -> bool:
+  """False for TFDS's warnings ("Using custom data configuration: ..." on every build of a
+  config); its errors pass."""
+  return record.levelno >= logging.ERROR or "/tensorflow_datasets/" not in record.pathname
+
+
 def main(argv=None) -> int:
+  """The command line; returns the exit status (2 for a problem the user can fix)."""
   args = _parser().parse_args(argv)
-  logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+  log = logging.StreamHandler()
+  log.addFilter(_not_tfds_chatter)
+  logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s", handlers=[log])
+  # TFDS's bars would fill a log with carriage returns and escape codes, and one left open by
+  # a failed build would carry the error on its line; the command prints what it built.
+  tfds.disable_progress_bar()
   try:
-    return build(args) if args.command == "build" else inspect(args)
-  except DataError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+    return {"build": build, "export": export, "inspect": inspect}[args.command](args)
+  except (UserError, OSError) as e:  # DataError; a data_dir that cannot be written
+    return errors.report(e)
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  errors.exit_command(main())

@@ -7,11 +7,18 @@ colour jitter of brightness, contrast and saturation 0.4, as torchvision's `Colo
 0.4, 0.4)`, applied in a fixed order rather than a random one), then per-dataset normalisation.
 Which ones run is chosen per dataset (`AugmentConfig`): a mirrored glyph is another glyph, so
 glyphs are not flipped.
+
+Normalisation follows the dataset. The named datasets keep the constants of the literature
+(`NORMALIZATION`), so that results stay comparable with published ones; a user's image folder
+has none, and is normalised with the per-channel mean and standard deviation of its own train
+split, which every build stores (`builders.PixelStats`, read by `load.normalization`).
+Explicit `config.data.augment.mean` / `.std` override either.
 """
 
 from __future__ import annotations
 
 import collections
+import copy
 import dataclasses
 import functools
 
@@ -19,10 +26,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from metadiff_jax.errors import ConfigError
+
 # How often each jitted function here was traced (tests assert compile counts).
 TRACE_COUNTS: collections.Counter = collections.Counter()
 
-# Per-dataset (mean, std) of the pixels in [0, 1], RGB order.
+# Per-dataset (mean, std) of the pixels in [0, 1], RGB order; None: the statistics of the
+# dataset's own build (its train split), read when a config is resolved (`from_config`).
 NORMALIZATION = {
     # miniImageNet constants of the reference backbone (shared/reference/README.md; also
     # those of MetaOptNet and the original MetaDiff code).
@@ -38,8 +48,8 @@ NORMALIZATION = {
     "glyphs": ((0.1667,), (0.3440,)),
     # Measured on the train split of the default texture set (384 classes x 20 images, seed 0).
     "textures": ((0.3736, 0.3594, 0.3681), (0.2549, 0.2479, 0.2515)),
-    # ImageNet statistics: a reasonable default for a user's own photographs.
-    "image_folder": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    # A user's own images, grayscale or colour, photographs or drawings: their own statistics.
+    "image_folder": None,
 }
 
 
@@ -84,20 +94,120 @@ class AugmentConfig:
 
 
 def for_dataset(name: str, **overrides) -> AugmentConfig:
-  """The default augmentations and normalisation of dataset `name`, with overrides."""
+  """The default augmentations and normalisation of dataset `name`, with overrides.
+
+  A dataset normalised with its build's statistics (`NORMALIZATION[name]` None) needs `mean`
+  and `std` among the overrides.
+  """
   if name not in DEFAULTS:
     raise ValueError(f"no augmentation defaults for {name!r}; known: {', '.join(DEFAULTS)}")
-  mean, std = NORMALIZATION[name]
+  constants = NORMALIZATION[name]
+  if constants is None and ("mean" not in overrides or "std" not in overrides):
+    raise ValueError(f"{name} is normalised with its build's statistics; pass mean= and std= "
+                     "(load.normalization(ref))")
+  mean, std = constants or (None, None)
   return AugmentConfig(**{**DEFAULTS[name], "mean": mean, "std": std, **overrides})
 
 
 def from_config(data_config) -> AugmentConfig:
-  """AugmentConfig from a config's `data` section (`name`, `augment.*`, optional mean/std)."""
+  """AugmentConfig from a config's `data` section (`name`, `augment.*`, optional mean/std).
+
+  mean or std None takes the dataset's constants, or, for a user's image folder, the statistics
+  its build stored (which reads the build's metadata: the dataset must be built).
+
+  Raises:
+    ConfigError: a mean or std whose length is neither 1 nor the images' channel count, or a
+      std that is not positive.
+    DataError: an image folder that is not built, or built before its statistics were stored.
+  """
   fields = dict(data_config.augment)
   for key in ("mean", "std"):
     if fields.get(key) is None:
       fields.pop(key, None)
-  return for_dataset(data_config.name, **fields)
+  name = data_config.name
+  constants = NORMALIZATION.get(name)
+  if constants is None and name in NORMALIZATION:
+    ref = _dataset_ref(data_config)
+    if "mean" not in fields or "std" not in fields:
+      from metadiff_jax.data import load  # tensorflow-datasets: only where a build is read
+      from metadiff_jax.data.errors import DataError
+      try:
+        load.dataset_dir(ref)
+      except DataError as e:
+        raise DataError(f"{e} (its normalisation statistics are read from the build; or set "
+                        "config.data.augment.mean and .std)") from None
+      mean, std = load.normalization(ref)
+      # A channel that is constant over the whole train split (std 0) carries nothing to
+      # scale; dividing by 1 keeps it finite.
+      fields.setdefault("mean", mean)
+      fields.setdefault("std", tuple(s if s > 1e-6 else 1.0 for s in std))
+      channels = len(mean)
+    else:
+      channels = _built_channels(ref)
+    where = f"the {name} build {ref.config or 'default'!r}"
+  else:
+    channels = len(constants[0]) if constants else None
+    where = f"{name}"
+  for key in ("mean", "std"):
+    if key in fields:
+      fields[key] = _check_values(fields[key], key, channels, where)
+  return for_dataset(name, **fields)
+
+
+def with_build_statistics(config):
+  """`config`, or a copy whose data.augment.mean and .std hold the build's statistics where a
+  dataset is normalised with them (a user's image folder) and the config leaves them None.
+
+  The stages run on this copy, so the workdir's config.json records the numbers the backbone
+  was trained with: `predict` and the importers read them there, without the build, and a
+  rebuild with other statistics shows as a changed field (metadiff_jax.workdir).
+
+  Raises:
+    DataError, ConfigError: as `from_config`.
+  """
+  augment = config.data.augment
+  if NORMALIZATION.get(config.data.name, ()) is not None or (
+      augment.mean is not None and augment.std is not None):
+    return config
+  resolved = from_config(config.data)
+  out = copy.deepcopy(config)
+  out.data.augment.mean = tuple(float(x) for x in resolved.mean)
+  out.data.augment.std = tuple(float(x) for x in resolved.std)
+  return out
+
+
+def _dataset_ref(data_config):
+  from metadiff_jax.data import load
+  return load.DatasetRef(data_config.name, data_config.data_dir,
+                         data_config.get("builder_config"))
+
+
+def _built_channels(ref) -> int | None:
+  """The channel count of a built dataset; None where it is not built (yet)."""
+  from metadiff_jax.data import load
+  from metadiff_jax.data.errors import DataError
+  try:
+    return load.image_shape(ref)[-1]
+  except DataError:
+    return None
+
+
+def _check_values(values, key: str, channels: int | None, where: str) -> tuple[float, ...]:
+  """config.data.augment.mean or .std as floats, one per channel or one for all."""
+  field = f"config.data.augment.{key}"
+  try:
+    values = tuple(float(v) for v in np.atleast_1d(np.asarray(values, dtype=object)))
+  except (TypeError, ValueError):
+    raise ConfigError(f"{field} must be a tuple of numbers, got {values!r}") from None
+  if channels is not None and len(values) not in (1, channels):
+    raise ConfigError(
+        f"{field} has {len(values)} values but {where} has {channels}-channel images; give "
+        f"{channels} value{'s' if channels > 1 else ''} (or one for all), or leave it None for "
+        "the dataset's own statistics")
+  if not values or not all(np.isfinite(values)) or (key == "std" and min(values) <= 0):
+    raise ConfigError(f"{field} must hold finite numbers{' > 0' if key == 'std' else ''}, got "
+                      f"{values!r}")
+  return values
 
 
 def to_float(images: jax.Array) -> jax.Array:

@@ -12,6 +12,13 @@ Records keep their generation order (`disable_shuffling`): record i of a split i
 the source in the order the source lists them, so a built split is a pure function of its
 source files.
 
+Every build stores the per-channel mean and standard deviation of its train split's pixels in
+[0, 1] (metadata key "normalization"); a user's image folder is normalised with them
+(`augment.from_config`), the named datasets with the constants of the literature. An image
+folder's build also stores a fingerprint of its source files (relative names, sizes,
+modification times, and the image size and channels asked for, metadata key "source"), so that
+building it again after the files changed rebuilds it instead of keeping the old one (`build`).
+
 The builders are not put in TFDS's global registry (the name `image_folder` is TFDS's own);
 `load.py` opens what they write by path, and `BUILDERS` maps our dataset names to them.
 """
@@ -20,8 +27,16 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import os
+import pathlib
+import shutil
+import tempfile
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Callable
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -30,7 +45,14 @@ from metadiff_jax.data import formats, glyphs, spec as spec_lib, textures
 from metadiff_jax.data.errors import DataError
 
 SPLITS = spec_lib.SPLITS
-CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
+# Where CIFAR-FS and FC100 fetch the CIFAR-100 archive when no files are given (a module
+# attribute read at call time, so tests can point it at a closed local port).
+CIFAR100_URL = formats.CIFAR100_URL
+# The download gives up when the server has not answered (name lookup, connect, response
+# headers) within DOWNLOAD_ANSWER_S, or when its data pause for DOWNLOAD_STALL_S. TFDS's own
+# downloader has no timeout and retries ten times, so without a network it never says anything.
+DOWNLOAD_ANSWER_S = 15.0
+DOWNLOAD_STALL_S = 60.0
 
 
 class FewShotBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -86,6 +108,14 @@ class FewShotBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         homepage=self.SOURCE or None,
     )
 
+  # TFDS prints a banner to stdout before a build ("Downloading and preparing dataset Unknown
+  # size ...": TFDS downloads nothing here) and after it; the command prints what it built.
+  def _log_download_bytes(self) -> None:
+    pass
+
+  def _log_download_done(self) -> None:
+    pass
+
   def manual_dir(self) -> str:
     if self._manual is None:
       raise DataError(f"{self.name} needs --manual_dir: the directory holding its files "
@@ -109,6 +139,7 @@ class FewShotBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     # A hash of the content, stored in the metadata, names this build in the feature cache's
     # key: a rebuild from other files never reuses features of the old one.
     content = hashlib.sha256(repr((shape, len(labels))).encode())
+    stats = PixelStats(shape[-1]) if split == "train" else None
     for i in range(len(labels)):
       image = np.asarray(data.images[i])
       if image.shape != shape or image.dtype != np.uint8:
@@ -116,8 +147,41 @@ class FewShotBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                         f" expected {shape} uint8")
       content.update(np.ascontiguousarray(image).tobytes())
       content.update(labels[i].tobytes())
+      if stats is not None:
+        stats.add(image)
       yield i, {"image": image, "label": labels[i]}
     self.info.metadata.setdefault("content_sha256", {})[split] = content.hexdigest()
+    if stats is not None:
+      self.info.metadata["normalization"] = stats.as_dict()
+
+
+class PixelStats:
+  """Per-channel mean and standard deviation of uint8 images, as pixels in [0, 1].
+
+  Sums are exact integers, so the result does not depend on the order or the batching of the
+  images (the standard deviation is the population one, numpy's default).
+  """
+
+  def __init__(self, channels: int):
+    self.count = 0
+    self.sums = np.zeros(channels, np.int64)
+    self.squares = np.zeros(channels, np.int64)
+
+  def add(self, image: np.ndarray) -> None:
+    """Adds one uint8 [H, W, C] image."""
+    pixels = image.reshape(-1, image.shape[-1]).astype(np.int64)
+    self.count += len(pixels)
+    self.sums += pixels.sum(0)
+    self.squares += np.square(pixels).sum(0)
+
+  def as_dict(self) -> dict:
+    """{"mean": [C], "std": [C], "pixels": n} in [0, 1] units."""
+    n = max(self.count, 1)
+    mean = self.sums / n
+    var = np.maximum(self.squares / n - np.square(mean), 0.0)
+    return {"mean": [float(m) for m in mean / 255.0],
+            "std": [float(s) for s in np.sqrt(var) / 255.0],
+            "split": "train", "pixels": int(self.count)}
 
 
 class MiniImagenet(FewShotBuilder, skip_registration=True):
@@ -145,6 +209,110 @@ class TieredImagenet(FewShotBuilder, skip_registration=True):
     return formats.read_tiered_imagenet(self.manual_dir(), self.spec)
 
 
+class DownloadFailed(Exception):
+  """Why a download failed, in a few words (the caller says what to do instead)."""
+
+
+def _short_reason(e: BaseException) -> str:
+  if isinstance(e, urllib.error.HTTPError):
+    return f"HTTP {e.code} {e.reason}"
+  if isinstance(e, urllib.error.URLError):
+    e = e.reason if isinstance(e.reason, BaseException) else e
+  text = " ".join(str(e).split())[:160]
+  return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _open_url(url: str):
+  """The response to GET `url`, once its headers arrived within DOWNLOAD_ANSWER_S.
+
+  The request runs in a daemon thread because a socket timeout does not bound the name lookup
+  (getaddrinfo), which alone can block for minutes where DNS is unreachable.
+  """
+  result = {}
+
+  def request():
+    try:
+      result["response"] = urllib.request.urlopen(url, timeout=DOWNLOAD_STALL_S)  # noqa: S310
+    except Exception as e:  # noqa: BLE001  (DNS, refused, TLS, HTTP status, proxy, ...)
+      result["error"] = e
+
+  thread = threading.Thread(target=request, name="download", daemon=True)
+  thread.start()
+  thread.join(DOWNLOAD_ANSWER_S)
+  if thread.is_alive():
+    raise DownloadFailed(f"no answer within {DOWNLOAD_ANSWER_S:g} s")
+  if "error" in result:
+    raise DownloadFailed(_short_reason(result["error"]))
+  return result["response"]
+
+
+def _md5_of(path: str) -> str:
+  digest = hashlib.md5(usedforsecurity=False)
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def download_file(url: str, path: str, md5: str | None) -> str:
+  """Downloads `url` to `path` once, in one bounded attempt, checking its md5.
+
+  A finished download is renamed into place only after its md5 matched, so an existing `path`
+  with the right md5 is reused without a network; a partial one never has the final name, and
+  one with another md5 is replaced only by a download that succeeds.
+
+  Args:
+    url: an http(s) URL (proxies from the usual environment variables are honoured).
+    path: where the file goes.
+    md5: the md5 hex digest it must have; None skips the check.
+
+  Returns:
+    `path`.
+
+  Raises:
+    DownloadFailed: no answer within DOWNLOAD_ANSWER_S, a stall of DOWNLOAD_STALL_S, an HTTP
+      error, or a wrong md5; nothing is left at `path`.
+  """
+  if os.path.isfile(path):
+    if md5 is None or _md5_of(path) == md5.lower():
+      return path
+    logging.warning("%s does not have md5 %s; downloading it again", path, md5)
+  directory = os.path.dirname(path) or "."
+  os.makedirs(directory, exist_ok=True)
+  name = os.path.basename(path)
+  response = _open_url(url)
+  digest = hashlib.md5(usedforsecurity=False)
+  fd, part = tempfile.mkstemp(prefix=f"{name}.", suffix=".part", dir=directory)
+  try:
+    with response, os.fdopen(fd, "wb") as f:
+      total = int(response.headers.get("Content-Length") or 0)
+      done, logged = 0, 0
+      logging.info("downloading %s (%.0f MB) from %s", name, total / 1e6, url)
+      while True:
+        try:
+          block = response.read(1 << 20)
+        except Exception as e:  # noqa: BLE001  (socket timeout, reset, ...)
+          raise DownloadFailed(
+              f"stopped after {done / 1e6:.0f} MB ({_short_reason(e)})") from None
+        if not block:
+          break
+        f.write(block)
+        digest.update(block)
+        done += len(block)
+        if total and done * 10 // total > logged:
+          logged = done * 10 // total
+          logging.info("downloaded %d%% of %s", 10 * logged, name)
+    if total and done != total:
+      raise DownloadFailed(f"stopped after {done} of {total} bytes")
+    if md5 is not None and digest.hexdigest() != md5.lower():
+      raise DownloadFailed(f"the file has md5 {digest.hexdigest()}, not {md5}")
+    os.replace(part, path)
+  finally:
+    if os.path.exists(part):
+      os.remove(part)
+  return path
+
+
 class _Cifar(FewShotBuilder, skip_registration=True):
   """Shared: CIFAR-100 archive in the manual dir, fetched where a network exists, or pickles."""
 
@@ -165,13 +333,18 @@ class _Cifar(FewShotBuilder, skip_registration=True):
       if any(os.path.exists(os.path.join(manual, f"{self.PICKLE_PREFIX}_{s}.pickle"))
              for s in SPLITS):
         return None
+    archive, url, md5 = formats.CIFAR100_ARCHIVE, CIFAR100_URL, formats.CIFAR100_MD5
+    pickles = f"{self.PICKLE_PREFIX}_{{train,val,test}}.pickle"
     try:
-      return os.fspath(dl_manager.download(CIFAR100_URL))
-    except Exception as e:  # noqa: BLE001  (no network, proxy, ...: say what to do instead)
+      return download_file(url, os.path.join(os.fspath(dl_manager.download_dir), archive),
+                           self._archive_md5)
+    except DownloadFailed as e:
+      where = "DIR" if manual is None else manual
+      found = "" if manual is None else f"{manual} holds neither {archive} nor {pickles}, and "
       raise DataError(
-          f"could not download {CIFAR100_URL} ({type(e).__name__}); download it yourself and "
-          f"pass its directory as --manual_dir, or put {self.PICKLE_PREFIX}_{{train,val,test}}"
-          ".pickle (MetaOptNet) there") from None
+          f"{found}could not download {archive} (md5 {md5}) from {url} ({e}); fetch it "
+          f"where a network exists and build with --manual_dir {where}, {where} holding "
+          f"{archive} (or MetaOptNet's {pickles})") from None
 
   def read_splits(self, dl_manager):
     archive = self._archive(dl_manager)
@@ -215,9 +388,73 @@ class ImageFolder(FewShotBuilder, skip_registration=True):
   def image_shape(self):
     return (*self.builder_config.image_size, self.builder_config.channels)
 
+  def source_state(self) -> dict:
+    """What the build is made from: the fingerprint of the files and the requested shape."""
+    cfg = self.builder_config
+    return {"root": os.path.abspath(self.manual_dir()),
+            "image_size": [int(d) for d in cfg.image_size], "channels": int(cfg.channels),
+            **image_folder_fingerprint(self.manual_dir())}
+
   def read_splits(self, dl_manager):
+    # Taken before the files are read: a file changed during the build makes the next build
+    # see a difference rather than miss one.
+    self.info.metadata["source"] = self.source_state()
     return formats.read_image_folder(self.manual_dir(), tuple(self.builder_config.image_size),
                                      self.builder_config.channels)
+
+
+def image_folder_fingerprint(root: formats.PathLike) -> dict:
+  """A fingerprint of the files that `formats.read_image_folder(root)` reads.
+
+  Args:
+    root: the folder holding train/, val/ and test/.
+
+  Returns:
+    {"sha256": hex of every (split/class/file, size, mtime in ns), "files": {split: count},
+    "classes": {split: count}}; a missing folder counts as empty (reading it says what is
+    wrong).
+  """
+  root = pathlib.Path(root)
+  entries, files, classes = [], {}, {}
+  for split in SPLITS:
+    split_dir = root / split
+    names = sorted(d.name for d in split_dir.iterdir()
+                   if d.is_dir() and not d.name.startswith(".")) if split_dir.is_dir() else []
+    classes[split], files[split] = len(names), 0
+    for name in names:
+      for f in sorted((split_dir / name).iterdir()):
+        if (f.name.startswith(".") or f.suffix.lower() not in formats.IMAGE_EXTENSIONS
+            or not f.is_file()):
+          continue
+        st = f.stat()
+        entries.append((f"{split}/{name}/{f.name}", st.st_size, st.st_mtime_ns))
+        files[split] += 1
+  digest = hashlib.sha256(json.dumps(entries).encode()).hexdigest()
+  return {"sha256": digest, "files": files, "classes": classes}
+
+
+def _source_change(stored: dict | None, current: dict) -> str | None:
+  """Why a build made from `stored` is not one of `current` (None: it is)."""
+  if not stored:
+    return "it was built before its source files were fingerprinted"
+  why = []
+  if stored.get("image_size") != current["image_size"]:
+    why.append("image size {} -> {}".format(*("x".join(map(str, s)) for s in (
+        stored.get("image_size") or ["?"], current["image_size"]))))
+  if stored.get("channels") != current["channels"]:
+    why.append(f"channels {stored.get('channels')} -> {current['channels']}")
+  for split in SPLITS:
+    then = (stored.get("classes", {}).get(split), stored.get("files", {}).get(split))
+    now = (current["classes"][split], current["files"][split])
+    if then != now:
+      why.append(f"{split} {then[0]} classes / {then[1]} images -> {now[0]} / {now[1]}")
+  if not why and stored.get("sha256") != current["sha256"]:
+    why.append("file names, sizes or modification times changed")
+  if not why:
+    return None
+  moved = "" if stored.get("root") == current["root"] else (
+      f" (built from {stored.get('root')}, now {current['root']})")
+  return "; ".join(why) + moved
 
 
 @dataclasses.dataclass
@@ -335,8 +572,66 @@ def make_builder(name: str, data_dir: str, manual_dir: str | None = None,
   return BUILDERS[name](data_dir=data_dir, manual_dir=manual_dir, **kwargs)
 
 
-def build(builder: FewShotBuilder) -> str:
-  """Writes the dataset (a no-op where it is already complete); returns its directory."""
+def build(builder: FewShotBuilder, report: Callable[[str], None] | None = None) -> str:
+  """Writes the dataset; returns its directory.
+
+  A complete build is kept as it is, except an image folder's whose source files (or requested
+  image size or channels) changed since: that one is rebuilt beside the old build, which is
+  replaced only once the new one is complete, so a failed rebuild loses nothing.
+
+  Args:
+    builder: from `make_builder`.
+    report: called with one line where an existing build is kept (the line starts with
+      "kept") or rebuilt (with "rebuilding"), saying why.
+  """
+  report = report or (lambda line: logging.info("%s", line))
+  path = os.fspath(builder.data_path)
+  if os.path.exists(os.path.join(path, "dataset_info.json")):
+    if not hasattr(builder, "source_state"):  # generated, or files of a fixed benchmark
+      report(f"kept the existing build {path}")
+      return path
+    if builder._manual is None:  # noqa: SLF001  (nothing to compare with)
+      report(f"kept the existing build {path} (give --manual_dir to check its source files "
+             "for changes)")
+      return path
+    stored = _stored_metadata(path).get("source")
+    change = _source_change(stored, builder.source_state())
+    if change is None:
+      report(f"kept the existing build {path}: its source files are unchanged")
+      return path
+    report(f"rebuilding {path}: {change}")
+    _rebuild(builder)
+    return path
   builder.download_and_prepare(
       download_config=tfds.download.DownloadConfig(manual_dir=builder._manual))  # noqa: SLF001
-  return os.fspath(builder.data_path)
+  return path
+
+
+def _stored_metadata(path: str) -> dict:
+  try:
+    with open(os.path.join(path, "metadata.json")) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return {}
+
+
+def _rebuild(builder: FewShotBuilder) -> None:
+  """Builds `builder`'s dataset again in a hidden sibling folder, then swaps it in."""
+  path = os.fspath(builder.data_path)
+  parent, version = os.path.split(path)
+  # Hidden names are not versions, so `load.dataset_dir` never opens a half-made build.
+  scratch = tempfile.mkdtemp(prefix=".rebuild-", dir=parent)
+  try:
+    fresh = type(builder)(data_dir=scratch, manual_dir=builder._manual,  # noqa: SLF001
+                          spec=builder._spec, config=builder.builder_config)  # noqa: SLF001
+    fresh.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=builder._manual))  # noqa: SLF001
+    replaced = os.path.join(scratch, f".{version}.replaced")
+    os.rename(path, replaced)
+    try:
+      os.rename(os.fspath(fresh.data_path), path)
+    except OSError:
+      os.rename(replaced, path)
+      raise
+  finally:
+    shutil.rmtree(scratch, ignore_errors=True)

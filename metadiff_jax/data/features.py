@@ -57,7 +57,8 @@ def variables_fingerprint(variables) -> str:
 
 
 def embed(apply_fn: Callable, variables, images: np.ndarray, batch_size: int = 256,
-          progress: bool = True, desc: str = "embedding") -> np.ndarray:
+          progress: bool = True, desc: str = "embedding",
+          split: str | None = None) -> np.ndarray:
   """Features of all `images` under `apply_fn(variables, batch) -> [b, D]`.
 
   Each batch is split over the devices of the data mesh (each process puts only the images
@@ -75,9 +76,14 @@ def embed(apply_fn: Callable, variables, images: np.ndarray, batch_size: int = 2
       batch is padded, so `apply_fn` compiles once.
     progress: show a progress bar with rate and ETA.
     desc: the progress bar's label.
+    split: the split's name, for the message of non-finite features.
 
   Returns:
     [n, D] float32 host array.
+
+  Raises:
+    DataError: if any feature is NaN or infinite (a diverged or damaged backbone): nothing
+      downstream can use such a row, and averaging it into accuracies would report chance.
   """
   n = len(images)
   if n == 0:
@@ -116,10 +122,19 @@ def embed(apply_fn: Callable, variables, images: np.ndarray, batch_size: int = 2
   for item in in_flight:
     collect(*item)
   bar.close()
-  if not np.all(np.isfinite(out)):
-    raise DataError("the backbone produced NaN or infinite features; check its checkpoint "
-                    "(the features were not cached)")
+  bad = non_finite_rows(out)
+  if bad:
+    where = f"the {split} split" if split else "the images"
+    raise DataError(f"the backbone produced NaN or infinite features for {bad} of {n} images of "
+                    f"{where} (nothing was cached); its weights are damaged or diverged: rerun "
+                    "the pretrain stage, or check config.backbone.checkpoint")
   return out
+
+
+def non_finite_rows(features: np.ndarray) -> int:
+  """How many rows of [n, D] `features` hold a NaN or an infinity."""
+  features = np.asarray(features)
+  return int(np.sum(~np.all(np.isfinite(features.reshape(len(features), -1)), axis=1)))
 
 
 def cache_key(dataset_fingerprint: str, split: str, backbone_fingerprint: str,
@@ -142,6 +157,11 @@ def cached_features(workdir: str, key: str, compute: Callable[[], tuple[np.ndarr
 
   Returns:
     The FeatureSet. A damaged cache file is recomputed (with a warning), never trusted.
+
+  Raises:
+    DataError: if the features (cached or computed) hold NaN or infinite values. A readable
+      cache file with them is not recomputed silently: either the disk damaged it or the
+      backbone produced them, and only the user can tell which, so the message says both.
   """
   path = os.path.join(os.path.expanduser(workdir), "features", key + ".npz")
   if os.path.exists(path):
@@ -150,12 +170,17 @@ def cached_features(workdir: str, key: str, compute: Callable[[], tuple[np.ndarr
         features, labels = f["features"], f["labels"].astype(np.int32)
       if features.ndim != 2 or len(features) != len(labels):
         raise ValueError(f"shapes {features.shape} {labels.shape}")
-      logging.info("feature cache hit: %s", path)
-      return FeatureSet(features, labels, num_classes, key)
+      if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"labels outside [0, {num_classes})")
     except Exception as e:  # noqa: BLE001  (a damaged derived file: recompute it)
       logging.warning("feature cache %s is unreadable (%s); recomputing it", path, e)
+    else:
+      _check_finite_cache(features, path)
+      logging.info("feature cache hit: %s", path)
+      return FeatureSet(features, labels, num_classes, key)
   features, labels = compute()
   labels = np.asarray(labels, np.int32)
+  _check_finite_cache(features, path, computed=True)  # a `compute` other than `embed`
   if write:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}.npz"
@@ -166,6 +191,19 @@ def cached_features(workdir: str, key: str, compute: Callable[[], tuple[np.ndarr
   # miss) the next time this split is asked for: a miss is a collective computation.
   mesh.barrier(f"features {key}")
   return FeatureSet(features, labels, num_classes, key)
+
+
+def _check_finite_cache(features: np.ndarray, path: str, computed: bool = False) -> None:
+  bad = non_finite_rows(features)
+  if not bad:
+    return
+  if computed:
+    raise DataError(f"the features computed for {path} hold NaN or infinite values in {bad} of "
+                    f"{len(features)} rows (nothing was cached); the backbone produces them: "
+                    "rerun the pretrain stage, or check config.backbone.checkpoint")
+  raise DataError(f"the feature cache {path} holds NaN or infinite values in {bad} of "
+                  f"{len(features)} rows; delete that file so that it is recomputed (if the new "
+                  "one fails the same way, the backbone produces them: rerun the pretrain stage)")
 
 
 def split_features(workdir: str, split_arrays, split: str, apply_fn: Callable, variables,
@@ -189,7 +227,7 @@ def split_features(workdir: str, split_arrays, split: str, apply_fn: Callable, v
 
   def compute():
     feats = embed(apply_fn, variables, split_arrays.images, batch_size, progress,
-                  desc=f"embedding {split}")
+                  desc=f"embedding {split}", split=split)
     return feats, split_arrays.labels
 
   return cached_features(workdir, key, compute, split_arrays.num_classes, write)

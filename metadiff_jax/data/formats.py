@@ -149,8 +149,9 @@ _LAYOUTS: dict[str, tuple[_Layout, ...]] = {
         _Layout("ren_png_pickles",
                 tuple(f"{s}_{k}.pkl" for s in SPLITS for k in ("images_png", "labels")),
                 tuple(f"{s}_images_png.pkl" for s in SPLITS),
-                "{train,val,test}_images_png.pkl (a pickled list of PNG-encoded 84x84 images) "
-                "and {train,val,test}_labels.pkl (a dict with 'label_specific' and "
+                "{train,val,test}_images_png.pkl (a pickled list of PNG-encoded 84x84 images, "
+                "each bytes or a uint8 array of shape (n,) or (n, 1)) and "
+                "{train,val,test}_labels.pkl (a dict with 'label_specific' and "
                 "'label_specific_str'), optionally synsets.txt and class_names.txt",
                 "the tiered-imagenet tar linked from renmengye/few-shot-ssl-public's README "
                 "(Google Drive id 1g1aIDy2Ar_MViF2gDXFYDBTR-HYecV07)"),
@@ -471,14 +472,97 @@ def _decode_file(path: str, where: _Where, size, mode, shape) -> np.ndarray:
   return _decode_image(path, where.at(path), "", size, mode, shape)
 
 
+# What one item of an images_png pickle may be, for messages.
+_ENCODED_ITEM = ("an encoded image: bytes, or a uint8 array of shape (n,) or (n, 1) as "
+                 "cv2.imencode returns")
+
+
+def _describe(item: Any) -> str:
+  if isinstance(item, np.ndarray):
+    return f"a {item.dtype} array of shape {tuple(item.shape)}"
+  return f"a {type(item).__name__}"
+
+
+def _encoded_image(item: Any) -> bytes | np.ndarray | None:
+  """One encoded image file as bytes or a 1-D uint8 array (a view where possible).
+
+  Takes every form the PNG pickles are known to hold: a 1-D uint8 array (cv2.imencode in some
+  OpenCV versions), an (n, 1) one (in others), an object array of size 1 wrapping either, a
+  row of a uint8 [num_images, n(, 1)] array (a list of equal-length buffers stacked by numpy),
+  bytes, a Python 2 str, and cv2.imencode's whole (ok, buffer) pair.
+
+  Returns:
+    The encoded bytes, or None where `item` is not an encoded image (decoded pixels included:
+    their channel order is unknown, so they are refused rather than guessed).
+  """
+  if isinstance(item, (bytes, bytearray, memoryview)):
+    return bytes(item)
+  if isinstance(item, str):
+    # A Python 2 str of PNG bytes, which the latin1 fallback loads as text one char per byte.
+    try:
+      return item.encode("latin1")
+    except UnicodeEncodeError:
+      return None
+  if (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], (bool, np.bool_))
+      and isinstance(item[1], np.ndarray)):
+    return _encoded_image(item[1])
+  if not isinstance(item, np.ndarray):
+    return None
+  if item.dtype == object:
+    if item.size == 1:
+      return _encoded_image(item.reshape(-1)[0])
+    try:  # numpy stacks equal-length buffers given dtype=object into arrays of ints
+      item = np.asarray(item.tolist())
+    except (ValueError, TypeError):
+      return None
+  if item.dtype.kind == "S" and item.size == 1:
+    return bytes(item.reshape(-1)[0])
+  # A buffer has one axis; any more of length > 1 means pixels (or something else).
+  if item.size == 0 or sum(d > 1 for d in item.shape) > 1:
+    return None
+  if item.dtype in (np.uint8, np.int8):
+    return np.ascontiguousarray(item).reshape(-1).view(np.uint8)
+  if item.dtype.kind in "iu" and item.min() >= 0 and item.max() <= 255:
+    return item.reshape(-1).astype(np.uint8)
+  return None
+
+
+def _png_items(obj: Any, where: _Where) -> Sequence[Any]:
+  """The per-image items of an images_png pickle: a list, tuple or array over images."""
+  if isinstance(obj, (list, tuple)):
+    return obj
+  if isinstance(obj, np.ndarray) and (obj.dtype == object and obj.ndim >= 1 or obj.ndim >= 2):
+    return obj
+  raise where.error(f"holds {_describe(obj)}, not a list of encoded images (one per image)")
+
+
+# The first bytes of the image files PIL reads here (PNG, JPEG, GIF, BMP, WebP).
+_IMAGE_SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM",
+                     b"RIFF")
+
+
+def _check_png_items(items: Sequence[Any], where: _Where) -> None:
+  """Refuses, before anything is decoded or written, the first item that is not an image file.
+
+  Only the form and the first bytes are checked (cheap for 450,000 items); a damaged file past
+  its signature is found when it is decoded, and named then.
+  """
+  for i in range(len(items)):
+    data = _encoded_image(items[i])
+    if data is None:
+      raise where.error(f"item {i} is {_describe(items[i])}, not {_ENCODED_ITEM}")
+    head = bytes(data[:8])
+    if not head.startswith(_IMAGE_SIGNATURES):
+      raise where.error(f"item {i} is not an image file (it starts with bytes {head.hex(' ')}; "
+                        "a PNG starts with 89 50 4e 47)")
+
+
 def _decode_png_item(pngs: Sequence[Any], where: _Where, shape, i: int) -> np.ndarray:
-  item = pngs[i]
-  if isinstance(item, np.ndarray) and item.dtype == np.uint8 and item.ndim == 1:
-    data = item.tobytes()
-  elif isinstance(item, (bytes, bytearray)):
-    data = bytes(item)
-  else:
-    raise where.error(f"item {i} is a {type(item).__name__}, not PNG bytes (a 1-D uint8 array)")
+  data = _encoded_image(pngs[i])
+  if data is None:
+    raise where.error(f"item {i} is {_describe(pngs[i])}, not {_ENCODED_ITEM}")
+  if isinstance(data, np.ndarray):
+    data = data.tobytes()
   return _decode_image(data, where, f"item {i} ", None, "RGB", shape)
 
 
@@ -622,9 +706,13 @@ def read_tiered_imagenet(manual_dir: PathLike, spec: DatasetSpec) -> dict[str, R
   """Reads tieredImageNet from Ren et al.'s PNG pickles or MetaOptNet's npz files.
 
   Ren et al.'s files: images decode with PIL to RGB (the PNGs are standard files, so OpenCV's
-  BGR convention does not apply). Classes are wnids when synsets.txt and class_names.txt are in
-  `manual_dir` (checked against spec), else the human-readable 'label_specific_str' names
-  (only their number is checked). 'label_general' is not used: older copies hold wrong values.
+  BGR convention does not apply). Each item of the PNG list may be bytes or a uint8 array of
+  shape (n,) or (n, 1), as `cv2.imencode` returns it depending on the OpenCV version; the list
+  may also be a numpy object array (`_encoded_image` lists every form). An item that is not an
+  image file is refused when the files are read, naming its index. Classes are wnids when
+  synsets.txt and class_names.txt are in `manual_dir` (checked against spec), else the
+  human-readable 'label_specific_str' names (only their number is checked). 'label_general'
+  is not used: older copies hold wrong values.
 
   MetaOptNet's files: the npz arrays are BGR (written by OpenCV), so the channel axis is flipped
   to RGB (a view, not a copy). Classes are "class_<id>"; train ids must not meet val or test ids.
@@ -678,9 +766,8 @@ def _read_tiered_ren(root: pathlib.Path, spec: DatasetSpec, layout: _Layout):
     img_path, lab_path = root / f"{split}_images_png.pkl", root / f"{split}_labels.pkl"
     where_img, where_lab = _where(img_path, layout), _where(lab_path, layout)
     wheres[split] = where_lab
-    pngs = _load_pickle(img_path, where_img, _PY2 + ("bytes",))
-    if not isinstance(pngs, (list, tuple)):
-      raise where_img.error(f"holds a pickled {type(pngs).__name__}, not a list of PNGs")
+    pngs = _png_items(_load_pickle(img_path, where_img, _PY2 + ("bytes",)), where_img)
+    _check_png_items(pngs, where_img)
     # Ren's read_cache tries encoding="bytes" (bytes keys) first, then a plain load.
     obj = _dict(_load_pickle(lab_path, where_lab, ("bytes",) + _PY2), where_lab,
                 ("label_specific", "label_specific_str"))

@@ -30,6 +30,8 @@ from fontTools import unicodedata as ft_unicodedata
 from matplotlib import ft2font
 from PIL import Image
 
+from metadiff_jax.data.errors import DataError
+
 SPLITS = ("train", "val", "test")
 SPLIT_FRACTIONS = (0.64, 0.16, 0.20)
 DEFAULT_NUM_CLASSES = 640  # splits 410 / 102 / 128
@@ -439,11 +441,11 @@ def generate(num_classes: int = DEFAULT_NUM_CLASSES, images_per_class: int = 20,
   """
   pool = candidate_characters()
   if not 1 <= num_classes <= len(pool):
-    raise ValueError(f"num_classes must be in [1, {len(pool)}], got {num_classes}")
+    raise DataError(f"num_classes must be in [1, {len(pool)}], got {num_classes}")
   if images_per_class < 1:
-    raise ValueError(f"images_per_class must be positive, got {images_per_class}")
+    raise DataError(f"images_per_class must be positive, got {images_per_class}")
   if image_size < 16:
-    raise ValueError(f"image_size must be at least 16, got {image_size}")
+    raise DataError(f"image_size must be at least 16, got {image_size}")
   # One stream per purpose, so changing images_per_class leaves the classes and splits alone.
   class_rng, split_rng, image_rng = (np.random.default_rng(s)
                                      for s in np.random.SeedSequence(seed).spawn(3))

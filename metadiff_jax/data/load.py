@@ -103,6 +103,37 @@ def class_names(ref: DatasetRef, split: str) -> tuple[str, ...]:
     return tuple(json.load(f)["class_names"][split])
 
 
+def image_shape(ref: DatasetRef) -> tuple[int, int, int]:
+  """(H, W, C) of the built dataset's images, from its features.json (no records read)."""
+  path = os.path.join(dataset_dir(ref), "features.json")
+  try:
+    with open(path) as f:
+      image = json.load(f)["featuresDict"]["features"]["image"]["tensor"]
+    return tuple(int(d) for d in image["shape"]["dimensions"])
+  except (OSError, ValueError, KeyError, TypeError):
+    raise DataError(f"cannot read the image shape from {path}; the build is damaged; delete "
+                    f"it and rebuild with: {ref.build_command()}") from None
+
+
+def normalization(ref: DatasetRef) -> tuple[tuple[float, ...], tuple[float, ...]]:
+  """The per-channel (mean, std) of the train split's pixels in [0, 1], stored by the build.
+
+  Raises:
+    DataError: the dataset is not built, or was built before the statistics were stored.
+  """
+  path = dataset_dir(ref)
+  try:
+    with open(os.path.join(path, "metadata.json")) as f:
+      stats = json.load(f).get("normalization")
+  except (OSError, ValueError):
+    stats = None
+  if not stats:
+    raise DataError(f"the build in {path} has no stored normalisation statistics (it predates "
+                    f"them); build it again with: {ref.build_command()} (an image folder is "
+                    "rebuilt in place), or set config.data.augment.mean and .std")
+  return tuple(float(m) for m in stats["mean"]), tuple(float(s) for s in stats["std"])
+
+
 def fingerprint(ref: DatasetRef) -> str:
   """A short hex naming the built dataset: name, config, version, split sizes and content.
 

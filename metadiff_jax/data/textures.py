@@ -21,6 +21,7 @@ import sys
 import numpy as np
 
 from metadiff_jax.data import glyphs
+from metadiff_jax.data.errors import DataError
 
 SPLITS = ("train", "val", "test")
 SPLIT_FRACTIONS = (0.64, 0.16, 0.20)
@@ -283,11 +284,11 @@ def generate(num_classes: int = DEFAULT_NUM_CLASSES, images_per_class: int = 20,
     (600 -> 384 / 96 / 120).
   """
   if num_classes < 1:
-    raise ValueError(f"num_classes must be positive, got {num_classes}")
+    raise DataError(f"num_classes must be positive, got {num_classes}")
   if images_per_class < 1:
-    raise ValueError(f"images_per_class must be positive, got {images_per_class}")
+    raise DataError(f"images_per_class must be positive, got {images_per_class}")
   if image_size < 8:
-    raise ValueError(f"image_size must be at least 8, got {image_size}")
+    raise DataError(f"image_size must be at least 8, got {image_size}")
   # One stream per purpose, so changing images_per_class leaves the classes and splits alone.
   class_rng, split_rng, image_rng = (np.random.default_rng(s)
                                      for s in np.random.SeedSequence(seed).spawn(3))

@@ -11,7 +11,8 @@
    docs/STABILITY.md).
 
 Each stage restores its own checkpoint from the workdir if there is one and skips work already
-done, so `run` can be called again after an interruption, or with more steps.
+done, so `run` can be called again after an interruption, or with more steps. A config that
+would mix with the outputs already there is refused before anything runs (docs/WORKDIR.md).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import os
 import time
 
 from metadiff_jax import config_lib, mesh
+from metadiff_jax import workdir as workdir_lib
+from metadiff_jax.data import augment
 from metadiff_jax.stages import (analysis, common, evaluate, pretrain, prototypes, stability,
                                  train)
 
@@ -29,15 +32,23 @@ STAGES = {"pretrain": pretrain.stage, "prototypes": prototypes.stage, "train": t
 
 
 def run(config, workdir: str) -> None:
-  """Runs config.stages in order in `workdir` (created if needed)."""
+  """Runs config.stages in order in `workdir` (created if needed).
+
+  Before the first stage (`metadiff_jax.workdir.guard`): takes the workdir's lock (a second
+  run on it stops at once), refuses a config that differs from the workdir's config.json in
+  a field that affects outputs already there, and checks every episode setting against the
+  dataset. Only then is config.json written. docs/WORKDIR.md says what is allowed.
+  """
   config_lib.check(config)
+  config = augment.with_build_statistics(config)
   root = common.prepare_workdir(workdir)
-  logging.info("devices: %s", mesh.describe())
-  common.log_config(config)
-  if common.is_writer():
-    common.write_json(os.path.join(root, config_lib.WORKDIR_CONFIG), config.to_dict())
-  for name in config_lib.stages_of(config):
-    start = time.time()
-    logging.info("stage %s: starting", name)
-    STAGES[name](config, root)
-    logging.info("stage %s: finished in %.1f s", name, time.time() - start)
+  with workdir_lib.guard(config, root):
+    logging.info("devices: %s", mesh.describe())
+    common.log_config(config)
+    if common.is_writer():
+      common.write_json(os.path.join(root, config_lib.WORKDIR_CONFIG), config.to_dict())
+    for name in config_lib.stages_of(config):
+      start = time.time()
+      logging.info("stage %s: starting", name)
+      STAGES[name](config, root)
+      logging.info("stage %s: finished in %.1f s", name, time.time() - start)

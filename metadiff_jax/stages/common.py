@@ -2,7 +2,7 @@
 
 A workdir holds one run:
 
-    WORKDIR/config.json            the config of the last invocation
+    WORKDIR/config.json            the config that made the outputs (docs/WORKDIR.md)
     WORKDIR/pretrain/              backbone pretraining: checkpoints/, best/, metrics, curves.png
     WORKDIR/features/              the feature cache (one .npz per split and backbone)
     WORKDIR/prototypes/            targets.npz: the diffusion targets w0 of the base classes
@@ -184,12 +184,14 @@ def pretrained_backbone(config, workdir: str):
       raise StageError(f"no pretrained backbone in {directory}; run the pretrain stage first "
                        "(--config.stages=\"('pretrain',)\"), or set config.backbone.checkpoint")
     state, _ = store.restore(pretrain.initial_state(config))
-  except ValueError as e:
-    if isinstance(e, UserError):
-      raise
+  except checkpoint.CheckpointMismatchError as e:
     raise StageError(f"the pretrained backbone in {directory} does not fit the configured "
-                     f"backbone ({str(e).splitlines()[0]}); use the config it was trained with "
-                     "or delete that directory") from None
+                     f"backbone: {e.detail}; use the config it was trained with, or a new "
+                     "workdir") from None
+  except checkpoint.UnreadableCheckpointError as e:
+    raise StageError(f"the pretrained backbone in {directory} cannot be read: {e.detail}; "
+                     f"move {stage_dir(workdir, 'pretrain')} aside and rerun the pretrain stage"
+                     " (nothing is deleted)") from None
   finally:
     store.close()
   return backbone(config), pretrain.backbone_variables(state)
@@ -259,19 +261,24 @@ def sharded_episodes(sampler, start: int, batch: int):
 
 
 def restore_latest(store: checkpoint.Checkpoints, state, meta: dict, run_dir: str, what: str):
-  """(state, meta) of the latest checkpoint in `store`, or the given ones if it has none.
+  """(state, meta) of the newest intact checkpoint in `store`, or the given ones if it has
+  none. Unreadable newer steps are skipped with a log line (`checkpoint.Checkpoints.restore`).
 
   Raises:
-    TrainingError: if the checkpoint does not fit `state` (a run of another config).
+    TrainingError: if the checkpoint does not fit `state` (a run of another config), or no
+      step in `store` can be read.
   """
   if store.latest_step() is None:
     return state, meta
   try:
     state, meta = store.restore(state)
-  except ValueError as e:
-    raise TrainingError(f"the checkpoint in {store.directory} does not fit the config "
-                        f"({str(e).splitlines()[0]}); use the config it was written with or "
-                        f"delete {run_dir}") from None
+  except checkpoint.CheckpointMismatchError as e:
+    raise TrainingError(f"the checkpoint {e.directory}/{e.step} does not fit the config: "
+                        f"{e.detail}; use the config it was written with, or move {run_dir} "
+                        "aside to retrain this stage") from None
+  except checkpoint.UnreadableCheckpointError as e:
+    raise TrainingError(f"no intact checkpoint in {e.directory}: {e.detail}; move {run_dir} "
+                        "aside to retrain this stage (nothing is deleted)") from None
   logging.info("%s: resumed from step %d", what, int(state.step))
   return state, meta
 

@@ -17,6 +17,12 @@ mean norm of the sampled prototypes over that of the class-mean prototypes (1 me
 lands at the scale of the support means; far above 1, it diverged). w_T of episode i is drawn
 from fold_in(key, i), so the methods, batch sizes and reruns all see the same starting noise.
 
+The MetaDiff row samples with the best-validated denoiser (train_<K>shot/best) unless
+config.eval.checkpoint names "last" or a kept step; a row below it reports the last
+checkpoint (or, when the last one is evaluated, the best-validated one), since a sampler that
+diverges after its best validation would otherwise go unseen. An episode whose sampled weights
+are not finite counts as diverged; a row where all did reads "diverged", not a chance accuracy.
+
 With the linear head (config.denoiser.head = "linear", Table 4) MetaDiff samples the linear
 classifier [N, D + 1] and scores queries by W f + b; class-mean prototypes stay the reference
 row, and the norm ratio compares with the rows of the linear head fit on the support set
@@ -40,7 +46,7 @@ from metadiff_jax import (checkpoint, config_lib, diffusion, heads, mesh, metric
                           schedule)
 from metadiff_jax.data import episodes as episodes_lib
 from metadiff_jax.data import features
-from metadiff_jax.errors import StageError
+from metadiff_jax.errors import ConfigError, StageError, UserError
 from metadiff_jax.stages import common
 from metadiff_jax.stages import train as train_stage
 
@@ -101,13 +107,9 @@ def episode_metrics(model, variables, sched, features_dev, support_idx, support_
     compares with the class means (prototype head) or the support-set fit (linear head).
   """
   head = getattr(model, "head", "prototype")
-  support, query = features.gather(features_dev, support_idx, query_idx)
-  dim = heads.weight_dim(head, features_dev.shape[-1])
-  w_T = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), (ways, dim)))(index)
-  w0 = diffusion.sample_batch(model, variables, sched, w_T, support, support_labels,
-                              dtype=dtype, precision=precision, sampler=update,
-                              noise_keys=episode_noise_keys(key, index))
-  protos = jax.vmap(prototypes.class_means, (0, 0, None))(support, support_labels, ways)
+  support, query, w0, protos = _sampled_weights(
+      model, variables, sched, features_dev, support_idx, support_labels, query_idx, index,
+      key, ways, dtype, precision, update)
 
   def accuracy(w, head):
     logits = heads.logits(head, w, query)
@@ -129,6 +131,45 @@ def episode_metrics(model, variables, sched, features_dev, support_idx, support_
       w0, support, support_labels)
   return {"accuracy": accuracy(w0, head), "prototype_accuracy": accuracy(protos, "prototype"),
           "norm_ratio": mean_norm(w0) / mean_norm(reference), "support_loss": loss}
+
+
+def _sampled_weights(model, variables, sched, features_dev, support_idx, support_labels,
+                     query_idx, index, key, ways, dtype, precision, update):
+  """(support, query, sampled weights w0, class means) of a batch of episodes: what
+  `episode_metrics` and `episode_scores` score."""
+  head = getattr(model, "head", "prototype")
+  support, query = features.gather(features_dev, support_idx, query_idx)
+  dim = heads.weight_dim(head, features_dev.shape[-1])
+  w_T = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), (ways, dim)))(index)
+  w0 = diffusion.sample_batch(model, variables, sched, w_T, support, support_labels,
+                              dtype=dtype, precision=precision, sampler=update,
+                              noise_keys=episode_noise_keys(key, index))
+  protos = jax.vmap(prototypes.class_means, (0, 0, None))(support, support_labels, ways)
+  return support, query, w0, protos
+
+
+@functools.partial(jax.jit, static_argnames=("model", "ways", "dtype", "precision", "update"))
+def episode_scores(model, variables, sched, features_dev, support_idx, support_labels,
+                   query_idx, index, key, ways: int, dtype=None, precision=None,
+                   update="original"):
+  """The per-query class scores behind `episode_metrics`' accuracies (same arguments).
+
+  An accuracy is a count of arg-maxes, so two computations whose scores differ only by
+  rounding can disagree on a query whose two best scores nearly tie; these scores give each
+  query's margin (docs/SCALING.md: how layouts compare).
+
+  Returns:
+    {"scores": [B, N*Q, N] the model head's logits of the sampled weights,
+     "prototype_scores": [B, N*Q, N] those of the class means (10 x cosine),
+     "weights": [B, N, W] the sampled weights, "prototypes": [B, N, D] the class means}.
+  """
+  head = getattr(model, "head", "prototype")
+  _, query, w0, protos = _sampled_weights(
+      model, variables, sched, features_dev, support_idx, support_labels, query_idx, index,
+      key, ways, dtype, precision, update)
+  return {"scores": heads.logits(head, w0, query),
+          "prototype_scores": heads.logits("prototype", protos, query),
+          "weights": w0, "prototypes": protos}
 
 
 @functools.partial(jax.jit, static_argnames=("model", "ways", "buckets"))
@@ -264,9 +305,62 @@ def summarize(values: np.ndarray) -> dict[str, float]:
           "n": n}
 
 
-def load_denoiser(config, workdir: str, shots: int, feature_dim: int):
+CHECKPOINT_LABELS = {"best": "best-validated checkpoint", "last": "last checkpoint"}
+
+
+def kept_steps(workdir: str, shots: int) -> dict[str, list[int]]:
+  """The steps of the K-shot denoiser kept in train_<K>shot: {"best": [...] (its
+  best-validated one), "checkpoints": [...] (the latest few)}, ascending; none where a folder
+  is missing."""
+  run_dir = train_stage.run_dir(workdir, shots)
+  out = {}
+  for name in ("best", "checkpoints"):
+    directory = os.path.join(run_dir, name)
+    out[name] = []
+    if os.path.isdir(directory):  # not opened otherwise: opening creates the folder
+      with checkpoint.Checkpoints(directory, max_to_keep=None) as store:
+        out[name] = store.all_steps()
+  return out
+
+
+def _checkpoint_location(workdir: str, shots: int, which) -> tuple[str, int | None]:
+  """(folder, step) of the checkpoint that `which` ("best", "last" or a step) names; step
+  None: the folder's latest. A StageError if there is none, a ConfigError for a step that
+  is not kept."""
+  run_dir = train_stage.run_dir(workdir, shots)
+  steps = kept_steps(workdir, shots)
+  if which in ("best", "last"):
+    folder = "best" if which == "best" else "checkpoints"
+    if which == "last" and not steps[folder] and steps["best"]:
+      raise ConfigError(f"config.eval.checkpoint = 'last': {run_dir} keeps no training "
+                        f"checkpoints, only best/ (step {steps['best'][-1]}; an imported "
+                        "denoiser, or its checkpoints/ were removed); evaluate it with "
+                        "config.eval.checkpoint = 'best'")
+    if not steps[folder]:
+      raise StageError(f"no trained {shots}-shot denoiser in {run_dir}/{folder}; run the train "
+                       f"stage first (--config.stages=\"('train', 'eval')\") with "
+                       f"config.train.shots including {shots}")
+    return os.path.join(run_dir, folder), None
+  for folder in ("checkpoints", "best"):
+    if which in steps[folder]:
+      return os.path.join(run_dir, folder), which
+  if not steps["checkpoints"] and not steps["best"]:
+    raise StageError(f"config.eval.checkpoint = {which}: {run_dir} holds no trained {shots}-shot "
+                     "denoiser; run the train stage first (--config.stages=\"('train', 'eval')\")")
+  kept = ", ".join(str(s) for s in steps["checkpoints"]) or "none"
+  best = ", ".join(str(s) for s in steps["best"]) or "none"
+  raise ConfigError(f"config.eval.checkpoint = {which}: no {shots}-shot checkpoint of step "
+                    f"{which} in {run_dir}; it keeps steps {kept} in checkpoints/ and {best} in "
+                    "best/: set config.eval.checkpoint to one of them, 'best' or 'last'")
+
+
+def load_denoiser(config, workdir: str, shots: int, feature_dim: int, which="best"):
   """(model, trained state, state at initialisation, checkpoint metadata) of the K-shot
-  denoiser kept in train_<K>shot/best, or a StageError naming the stage to run.
+  denoiser, or a UserError naming what to do.
+
+  Args:
+    which: "best" (kept in train_<K>shot/best), "last" (the latest in train_<K>shot/checkpoints)
+      or a step kept in either (config_lib.eval_checkpoint).
 
   Without the UNet (config.denoiser.unet = False) the denoiser has no parameters: no
   checkpoint is read, both states are the empty initial one and the metadata is {}.
@@ -274,37 +368,87 @@ def load_denoiser(config, workdir: str, shots: int, feature_dim: int):
   if not config.denoiser.unet:
     model, _, state = train_stage.initial_state(config, feature_dim, shots)
     return model, state, state, {}
-  run_dir = train_stage.run_dir(workdir, shots)
-  store = checkpoint.Checkpoints(os.path.join(run_dir, "best"), max_to_keep=1)
+  directory, step = _checkpoint_location(workdir, shots, which)
+  model, _, init_state = train_stage.initial_state(config, feature_dim, shots)
+  store = checkpoint.Checkpoints(directory, max_to_keep=None)  # None: a reader deletes nothing
   try:
-    if store.latest_step() is None:
-      raise StageError(f"no trained {shots}-shot denoiser in {run_dir}/best; run the train "
-                       f"stage first (--config.stages=\"('train', 'eval')\") with "
-                       f"config.train.shots including {shots}")
-    model, _, init_state = train_stage.initial_state(config, feature_dim, shots)
-    try:
-      state, meta = store.restore(init_state)
-    except ValueError as err:
-      raise StageError(f"the denoiser in {run_dir}/best does not fit the config ("
-                       f"{str(err).splitlines()[0]}); evaluate with the config it was "
-                       "trained with") from None
+    state, meta = store.restore(init_state, step)
+  except checkpoint.CheckpointMismatchError as err:
+    raise StageError(f"the {shots}-shot denoiser in {directory} does not fit the config: "
+                     f"{err.detail}; evaluate with the config it was trained with") from None
+  except checkpoint.UnreadableCheckpointError as err:
+    raise StageError(f"the {shots}-shot denoiser in {directory} cannot be read: {err.detail};"
+                     " evaluate another one (config.eval.checkpoint) or move "
+                     f"{train_stage.run_dir(workdir, shots)} aside and retrain it") from None
+  except UserError:
+    raise
+  except ValueError as err:
+    raise StageError(f"the denoiser in {directory} does not fit the config ("
+                     f"{str(err).splitlines()[0]}); evaluate with the config it was "
+                     "trained with") from None
   finally:
     store.close()
+  # A denoiser that trained to NaN is stopped before it is saved, so non-finite parameters
+  # here are a damaged file; sampling with them would report chance as an accuracy.
+  bad = sum(int(np.sum(~np.isfinite(np.asarray(leaf))))
+            for leaf in jax.tree_util.tree_leaves(state.ema_params))
+  if bad:
+    raise StageError(f"the {shots}-shot denoiser in {directory}/{int(state.step)} has {bad} NaN "
+                     "or infinite parameters (a damaged checkpoint); evaluate another one "
+                     "(config.eval.checkpoint = 'best', 'last' or a kept step) or retrain it")
   return model, state, init_state, meta
 
 
+def _companion(config, workdir: str, shots: int, which, step: int) -> str | None:
+  """Which checkpoint the results report beside the evaluated one: the last one, or where
+  that is the one evaluated, the best-validated one (None if it is not kept, or w/o UNet)."""
+  if not config.denoiser.unet:
+    return None
+  steps = kept_steps(workdir, shots)
+  last = max(steps["checkpoints"], default=None)
+  evaluated_last = which == "last" or (which != "best" and step == last)
+  if evaluated_last:
+    return "best" if steps["best"] else None
+  return "last" if steps["checkpoints"] else None
+
+
+def row_summary(run: dict) -> dict:
+  """The results row of one sampler's `run_episodes` metrics: accuracy (mean, ci95, n), mean
+  norm ratio and support loss, and how many episodes diverged (their sampled weights are not
+  finite, so their norm ratio is NaN or infinite and their accuracy is a tie-break, not a
+  measurement)."""
+  ratio = np.asarray(run["norm_ratio"])
+  return {**summarize(run["accuracy"]), "norm_ratio": float(ratio.mean()),
+          "support_loss": float(np.mean(run["support_loss"])),
+          "diverged": int(np.sum(~np.isfinite(ratio)))}
+
+
 def evaluate_shot(config, workdir: str, shots: int, test: features.FeatureSet) -> dict:
-  """The results of the K-shot setting, or a StageError if its denoiser was not trained."""
+  """The results of the K-shot setting, or a UserError if its denoiser was not trained.
+
+  The MetaDiff row samples with the checkpoint config.eval.checkpoint names; a
+  "metadiff_last" row (or "metadiff_best", where the evaluated one is the last) reports the
+  other one beside it, with its step.
+  """
   e = config.eval
   # First, so that an episode the split cannot supply is reported before any work.
   sampler = episodes_lib.EpisodeSampler(test.labels, e.ways, shots, e.queries, config.seed,
                                         "test")
-  model, state, init_state, meta = load_denoiser(config, workdir, shots, test.features.shape[1])
+  which = config_lib.eval_checkpoint(config)
+  dim = test.features.shape[1]
+  model, state, init_state, meta = load_denoiser(config, workdir, shots, dim, which)
   fingerprint = features.variables_fingerprint(state.ema_params)
+  companion = _companion(config, workdir, shots, which, int(state.step))
+  if companion is not None:
+    other = load_denoiser(config, workdir, shots, dim, companion)[1]
+    other_fingerprint = features.variables_fingerprint(other.ema_params)
   settings = {"ways": e.ways, "shots": shots, "queries": e.queries, "episodes": e.episodes,
               "diagnostics": [e.diagnostic_episodes, e.diagnostic_buckets],
               "seed": config.seed, "denoiser": fingerprint, "features": test.key,
-              "sampler": _sampler_settings(config), "variant": _variant_settings(config)}
+              "sampler": _sampler_settings(config), "variant": _variant_settings(config),
+              "checkpoint": [which, int(state.step)]}
+  if companion is not None:
+    settings[f"{companion}_checkpoint"] = [int(other.step), other_fingerprint]
   cached = os.path.join(common.stage_dir(workdir, "eval"), f"{shots}shot.json")
   if os.path.exists(cached):
     with open(cached) as f:
@@ -316,10 +460,16 @@ def evaluate_shot(config, workdir: str, shots: int, test: features.FeatureSet) -
   key = common.key(config, "sampling", 2)
   sched = schedule.for_sampling(config)
   features_dev = mesh.replicate(test.features)
+  samplers = [("metadiff", state.ema_params), ("untrained", init_state.params)]
+  if companion is not None:
+    samplers.append((f"metadiff_{companion}", other.ema_params))
   runs = {}
-  for name, params in (("metadiff", state.ema_params), ("untrained", init_state.params)):
+  for name, params in samplers:
     if name == "untrained" and not jax.tree_util.tree_leaves(params):
       runs[name] = runs["metadiff"]  # w/o UNet: nothing was trained, the same sampler
+      continue
+    if name.startswith("metadiff_") and other_fingerprint == fingerprint:
+      runs[name] = runs["metadiff"]  # the same step (e.g. the best is the last): no rerun
       continue
     runs[name] = run_episodes(model, {"params": params}, sched, features_dev, sampler,
                               e.episodes, e.batch_episodes, key,
@@ -342,16 +492,20 @@ def evaluate_shot(config, workdir: str, shots: int, test: features.FeatureSet) -
   result = {
       "settings": settings,
       "diagnostics": diagnostics,
-      "checkpoint": {"step": int(state.step), "validation": meta},
-      "metadiff": {**summarize(runs["metadiff"]["accuracy"]),
-                   "norm_ratio": float(runs["metadiff"]["norm_ratio"].mean()),
-                   "support_loss": float(runs["metadiff"]["support_loss"].mean())},
-      "untrained": {**summarize(runs["untrained"]["accuracy"]),
-                    "norm_ratio": float(runs["untrained"]["norm_ratio"].mean()),
-                    "support_loss": float(runs["untrained"]["support_loss"].mean())},
+      "checkpoint": {"step": int(state.step), "validation": meta, "choice": which},
+      "metadiff": row_summary(runs["metadiff"]),
+      "untrained": row_summary(runs["untrained"]),
       "prototypes": {**summarize(runs["metadiff"]["prototype_accuracy"]), "norm_ratio": 1.0,
                      "support_loss": None},
   }
+  if companion is not None:
+    result[f"metadiff_{companion}"] = {**row_summary(runs[f"metadiff_{companion}"]),
+                                       "step": int(other.step)}
+  for name, label in _sampled_rows(result):
+    r = result[name]
+    if r["diverged"]:
+      logging.warning("eval %d-shot: %s diverged in %d of %d episodes (non-finite sampled "
+                      "weights)", shots, label, r["diverged"], r["n"])
   if common.is_writer():
     common.write_json(cached, result)
   return result
@@ -413,10 +567,16 @@ def results_table(config, results: dict) -> str:
                                        for s in shots)
   header += " | " + " | ".join(f"norm ratio {s.replace('shot', '-shot')}" for s in shots)
   lines = [header + " |", "|" + "---|" * (1 + 2 * len(shots))]
-  for name, label in METHODS:
-    cells = [f"{100 * results[s][name]['mean']:.2f} ± {100 * results[s][name]['ci95']:.2f}%"
-             for s in shots]
-    cells += [f"{results[s][name]['norm_ratio']:.3g}" for s in shots]
+  choice = config_lib.eval_checkpoint(config)
+  rows = [(name, _row_label(name, choice) if name == "metadiff" else label)
+          for name, label in METHODS]
+  # The other checkpoint's row last, so that the table of the evaluated one reads as before.
+  rows += [(name, _row_label(name, choice)) for name in COMPANION_ROWS
+           if any(name in results[s] for s in shots)]
+  for name, label in rows:
+    cells = [accuracy_cell(results[s].get(name)) for s in shots]
+    cells += [f"{results[s][name]['norm_ratio']:.3g}" if name in results[s] else "n/a"
+              for s in shots]
     lines.append(f"| {label} | " + " | ".join(cells) + " |")
   n = results[shots[0]]["metadiff"]["n"]
   lines.append("")
@@ -438,7 +598,67 @@ def results_table(config, results: dict) -> str:
                f"loss, {config.diffusion.sampler} sampler, features "
                + ("as extracted." if config.diffusion.feature_rms is None
                   else f"rescaled to RMS {config.diffusion.feature_rms:g}."))
+  if d.unet:
+    lines.append(_checkpoint_note(results, choice))
+  for s in shots:
+    for name, label in _sampled_rows(results[s], choice):
+      r = results[s][name]
+      if r.get("diverged"):
+        lines.append(f"Diverged: {label}, {s.replace('shot', '-shot')}: the sampled weights of "
+                     f"{r['diverged']} of {r['n']} episodes are not finite"
+                     + (" (no accuracy to report)." if r["diverged"] == r["n"] else
+                        "; they count as classified by a tie-break."))
   return "\n".join(lines)
+
+
+COMPANION_ROWS = ("metadiff_last", "metadiff_best")
+
+
+def _row_label(name: str, choice) -> str:
+  """The table label of a sampled row under config.eval.checkpoint = `choice`."""
+  if name == "metadiff":
+    label = dict(METHODS)["metadiff"]
+    if choice == "best":  # the default keeps the label that earlier tables carry
+      return label
+    return f"{label}, " + (CHECKPOINT_LABELS["last"] if choice == "last" else f"step {choice}")
+  if name == "untrained":
+    return dict(METHODS)["untrained"]
+  return f"MetaDiff, {CHECKPOINT_LABELS[name[len('metadiff_'):]]}"
+
+
+def _sampled_rows(result: dict, choice=None) -> list[tuple[str, str]]:
+  """(name, label) of the rows of `result` (one shot setting) that the sampler produced."""
+  choice = result.get("checkpoint", {}).get("choice", "best") if choice is None else choice
+  return [(name, _row_label(name, choice))
+          for name in ("metadiff", "untrained") + COMPANION_ROWS if name in result]
+
+
+def accuracy_cell(r: dict | None) -> str:
+  """A results row's accuracy as the table shows it: mean ± ci95 in %, "diverged" where every
+  episode diverged, "n/a" where the row is missing."""
+  if r is None:
+    return "n/a"
+  if r.get("diverged") and r["diverged"] == r["n"]:
+    return "diverged"  # every episode's weights are NaN or infinite: no accuracy to report
+  return f"{100 * r['mean']:.2f} ± {100 * r['ci95']:.2f}%"
+
+
+def _checkpoint_note(results: dict, choice) -> str:
+  """The line that says which checkpoint each MetaDiff row sampled with, and its step."""
+  what = {"best": "the best-validated checkpoint", "last": "the last checkpoint"}.get(
+      choice, f"the checkpoint of step {choice}")
+
+  def steps(get):
+    return ", ".join(f"{get(r)} ({s.replace('shot', '-shot')})" for s, r in results.items()
+                     if get(r) is not None)
+
+  line = (f"MetaDiff row: {what} (config.eval.checkpoint = {choice!r}), step "
+          f"{steps(lambda r: r['checkpoint']['step'])}.")
+  for name in COMPANION_ROWS:
+    other = steps(lambda r, name=name: r[name]["step"] if name in r else None)
+    if other:
+      line += f" {_row_label(name, choice)}: step {other}."
+  return line
 
 
 def noise_error_markdown(errors: dict, title: str) -> str:
@@ -462,8 +682,10 @@ def results_markdown(config, workdir: str, results: dict, table: str) -> str:
   root = os.path.abspath(os.path.expanduser(workdir))
   parts = [f"# Results: {config.data.name}, {config.backbone.name}", "", table, ""]
   for s, r in results.items():
+    others = "".join(f"; {_row_label(name, r['checkpoint'].get('choice', 'best'))}: step "
+                     f"{r[name]['step']}" for name in COMPANION_ROWS if name in r)
     parts.append(f"- {s}: denoiser {r['settings']['denoiser']} (step "
-                 f"{r['checkpoint']['step']}), test features {r['settings']['features']}")
+                 f"{r['checkpoint']['step']}{others}), test features {r['settings']['features']}")
   parts.append("")
   for s, r in results.items():
     errors = r.get("diagnostics", {}).get("noise_error")

@@ -196,10 +196,7 @@ def _train(config, out: str, latest: checkpoint.Checkpoints, best: checkpoint.Ch
   image_shape = [int(d) for d in train_data.images.shape[1:]]
   state = initial_state(config, image_shape, n)
   meta = {"best_val_accuracy": -1.0, "best_epoch": -1}
-  if latest.latest_step() is not None:
-    state, meta = latest.restore(state)
-    logging.info("pretrain: resumed from step %d (epoch %d of %d)", int(state.step),
-                 int(state.step) // per_epoch, p.epochs)
+  state, meta = common.restore_latest(latest, state, meta, out, "pretrain")
   if int(state.step) >= total and best.latest_step() is not None:
     logging.info("pretrain: done (best validation accuracy %.4f at epoch %d); skipping",
                  meta["best_val_accuracy"], meta["best_epoch"])
@@ -240,8 +237,8 @@ def _train(config, out: str, latest: checkpoint.Checkpoints, best: checkpoint.Ch
     if bad.size:
       raise TrainingError(
           f"the pretraining loss became {values['loss'][bad[0]]} at step "
-          f"{step - len(window) + bad[0] + 1}; kept the last good checkpoint (step "
-          f"{latest.latest_step()}) in {out}; lower config.pretrain.learning_rate")
+          f"{step - len(window) + bad[0] + 1}; {latest.kept()}; lower "
+          "config.pretrain.learning_rate")
     window = []
     return {k: float(v.mean()) for k, v in values.items()}
 

@@ -46,6 +46,10 @@ def load_targets(workdir: str, feature_set: features.FeatureSet) -> np.ndarray:
     raise StageError(f"the targets in {path} were computed from other features ({key}) than "
                      f"the current base features ({feature_set.key}); rerun the prototypes "
                      "stage")
+  bad = features.non_finite_rows(targets)
+  if bad:  # the stage refuses to write such targets, so the file was damaged since
+    raise StageError(f"the diffusion targets in {path} hold NaN or infinite values in {bad} of "
+                     f"{len(targets)} classes; delete that file and rerun the prototypes stage")
   return targets
 
 

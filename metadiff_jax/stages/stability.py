@@ -9,8 +9,8 @@ the config's learning rate and, for config.stability.lr_variants, at each of
 config.stability.learning_rates too:
 
 1. a denoiser is trained as the train stage trains one (validation every
-   config.train.val_every_steps on the same validation episodes, with the original update;
-   the best checkpoint kept), in WORKDIR/stability/denoisers/<what it trains>/; variants that
+   config.stability.val_every_steps steps, or train.val_every_steps where that is None, on
+   the same validation episodes, with the original update; the best checkpoint kept), in WORKDIR/stability/denoisers/<what it trains>/; variants that
    change only the sampler reuse the faithful denoiser;
 2. on the eval stage's test episodes (the same episodes and the same w_T for every row):
    the accuracy (mean +- 95% CI) of its best-validated checkpoint, of its last one, and of the
@@ -97,8 +97,9 @@ def variant_config(config, variant: str, learning_rate: float):
   out = config.copy_and_resolve_references()
   config_lib.apply_variant(out, variant)
   out.train.learning_rate = float(learning_rate)
-  if config.stability.steps is not None:
-    out.train.steps = int(config.stability.steps)
+  for field in ("steps", "val_every_steps", "checkpoint_every_steps", "val_episodes"):
+    if config.stability[field] is not None:
+      out.train[field] = int(config.stability[field])
   return out
 
 

@@ -257,9 +257,8 @@ def train_shot(config, workdir: str, shots: int, base, targets: np.ndarray, val)
         if not np.all(np.isfinite(losses)):
           bad = step + 1 + int(np.argmin(np.isfinite(losses)))
           raise TrainingError(
-              f"the diffusion loss became {losses[bad - step - 1]} at step {bad}; kept the "
-              f"last good checkpoint (step {latest.latest_step()}) in {out}/checkpoints; lower "
-              "config.train.learning_rate or check the features")
+              f"the diffusion loss became {losses[bad - step - 1]} at step {bad}; "
+              f"{latest.kept()}; lower config.train.learning_rate or check the features")
         previous, step = step, step + count
         bar.update(count, loss=f"{losses.mean():.4f}")
         crossed = lambda every: every and step // every > previous // every
