@@ -21,6 +21,11 @@ with class means); the norm ratio stayed between 0.88 and 1.03 throughout. With
 `:variant=faithful` MetaDiff gave 97.54 +- 0.34% / 99.82 +- 0.06%, best at step 500 in both
 settings, its sampler diverging later (docs/RESULTS.md).
 
+On a 2-core AMD EPYC VM the same command, with the table's row for the last checkpoint,
+printed MetaDiff 98.39 +- 0.26% / 99.77 +- 0.07%, class means 98.21 +- 0.27% / 99.77 +- 0.07%,
+and the last checkpoint (step 5000 in both settings) 98.39% / 99.77% with norm ratio 0.876 /
+0.993; XLA's CPU code differs between processor models, hence the last digits.
+
 Presets: `:shot=1` or `:shot=5` trains and evaluates one shot setting only; `:variant=NAME`
 runs another variant (`config_lib.VARIANTS`).
 """
