@@ -142,15 +142,18 @@ def flatten(values: dict, prefix: str = "") -> dict:
   return out
 
 
+def json_default(x):
+  """JSON for the numpy scalars, arrays and tuples the workdir's records hold."""
+  if isinstance(x, (np.integer, np.floating)):
+    return x.item()
+  if isinstance(x, (tuple, np.ndarray)):
+    return list(x)
+  raise TypeError(f"not JSON-serialisable: {type(x)}")
+
+
 def as_json(config) -> dict:
   """The config as config.json stores it."""
-  def default(x):
-    if isinstance(x, (np.integer, np.floating)):
-      return x.item()
-    if isinstance(x, (tuple, np.ndarray)):
-      return list(x)
-    raise TypeError(f"not JSON-serialisable: {type(x)}")
-  return json.loads(json.dumps(config.to_dict(), default=default))
+  return json.loads(json.dumps(config.to_dict(), default=json_default))
 
 
 def record_conflicts(old: dict, new: dict, existing: dict[str, list[str]],

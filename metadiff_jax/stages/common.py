@@ -29,6 +29,7 @@ import numpy as np
 from metadiff_jax import backbones, checkpoint, mesh, prototypes, torch_import
 from metadiff_jax.data import augment, features
 from metadiff_jax.errors import StageError, TrainingError, UserError
+from metadiff_jax.workdir import json_default
 
 # Tags folded into the run's key, one per purpose, so that no two streams coincide.
 KEY_TAGS = {"pretrain_init": 1, "pretrain_data": 2, "pretrain_dropout": 3, "prototypes": 4,
@@ -71,7 +72,7 @@ def write_json(path: str, obj) -> None:
   os.makedirs(os.path.dirname(path), exist_ok=True)
   tmp = f"{path}.tmp{os.getpid()}"
   with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True, default=_json_default)
+    json.dump(obj, f, indent=2, sort_keys=True, default=json_default)
   os.replace(tmp, path)
 
 
@@ -82,7 +83,7 @@ def cached_result(path: str, settings: dict, compute, what: str) -> dict:
   `settings` are compared as JSON would store them (tuples as lists), so a result written
   by an earlier run is found again. `what` names it in the log line of a reuse.
   """
-  settings = json.loads(json.dumps(settings, default=_json_default))
+  settings = json.loads(json.dumps(settings, default=json_default))
   if os.path.exists(path):
     with open(path) as f:
       previous = json.load(f)
@@ -93,14 +94,6 @@ def cached_result(path: str, settings: dict, compute, what: str) -> dict:
   if is_writer():
     write_json(path, result)
   return result
-
-
-def _json_default(x):
-  if isinstance(x, (np.integer, np.floating)):
-    return x.item()
-  if isinstance(x, (tuple, np.ndarray)):
-    return list(x)
-  raise TypeError(f"not JSON-serialisable: {type(x)}")
 
 
 # ----------------------------------------------------------------------------- the dataset
