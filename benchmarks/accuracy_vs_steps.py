@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
 import importlib.util
 import time
 
@@ -27,9 +28,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from metadiff_jax import diffusion, metrics, prototypes, schedule
+from metadiff_jax import (diffusion, embedding, evaluator, method, metrics, prototypes, rng,
+                          schedule)
+from metadiff_jax import workdir as workdir_lib
 from metadiff_jax.data import episodes as episodes_lib
-from metadiff_jax.stages import common, evaluate
 
 import bench_common
 
@@ -67,7 +69,7 @@ def trajectory_accuracy(model, variables, sched, features_dev, eps, key, ways, e
     w_T = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), (ways, dim)))(index)
     _, trajectory = diffusion.sample_batch(
         model, variables, sched, w_T, support, support_labels, trajectory_every=every,
-        sampler=update, noise_keys=evaluate.episode_noise_keys(key, index))
+        sampler=update, noise_keys=method.episode_noise_keys(key, index))
     logits = prototypes.cosine_logits(query[:, None], trajectory, scale=10.0)  # [B, J, Q, N]
     return jnp.mean(jnp.argmax(logits, -1) == query_labels[:, None], axis=(0, 2))
 
@@ -92,29 +94,29 @@ def main():
   args = parser.parse_args()
 
   config = load_config(args.config, args.config_arg, args.override)
-  test = common.diffusion_features(
-      config, common.split_features(config, args.workdir, "test", progress=False))
-  model, state, _, meta = evaluate.load_denoiser(config, args.workdir, args.shots,
-                                                 test.features.shape[1])
+  test = embedding.diffusion_features(
+      config, workdir_lib.pretrained_features(config, args.workdir, "test", progress=False))
+  metadiff, state, _, meta = workdir_lib.load_denoiser(config, args.workdir, args.shots,
+                                                       test.features.shape[1])
   variables = {"params": state.ema_params}
   e = config.eval
   sampler = episodes_lib.EpisodeSampler(test.labels, e.ways, args.shots, e.queries,
                                         config.seed, "test")
-  key = common.key(config, "sampling", 2)  # the eval stage's starting noise
-  full = schedule.from_config(config)
+  key = rng.key(config, "sampling", 2)  # the eval stage's starting noise
+  full = metadiff.train_schedule
   features_dev = jnp.asarray(test.features)
 
   respaced = []
   for k in [int(x) for x in args.steps.split(",") if int(x) <= full.num_steps]:
-    sched = schedule.respace(full, k)
-    run = lambda: evaluate.run_episodes(model, variables, sched, features_dev, sampler,
-                                        args.episodes, args.batch_episodes, key, progress=False,
-                                        **evaluate.sampler_options(config))
+    respaced_method = dataclasses.replace(metadiff, sample_schedule=schedule.respace(full, k))
+    run = lambda m=respaced_method: evaluator.evaluate_episodes(
+        lambda eps: m.classify(variables, features_dev, eps, key, sampler.ways), sampler,
+        args.episodes, args.batch_episodes)
     run()  # compiles
     start = time.perf_counter()
     m = run()
     seconds = time.perf_counter() - start
-    row = {"num_sampling_steps": k, **evaluate.summarize(m["accuracy"]),
+    row = {"num_sampling_steps": k, **metrics.summarize(m["accuracy"]),
            "norm_ratio": float(m["norm_ratio"].mean()),
            "seconds_per_episode": seconds / args.episodes}
     respaced.append(row)
@@ -123,8 +125,8 @@ def main():
           flush=True)
 
   eps = sampler.batch(0, args.episodes)
-  traj = trajectory_accuracy(model, variables, full, features_dev, eps, key, e.ways, args.every,
-                             config.diffusion.sampler)
+  traj = trajectory_accuracy(metadiff.model, variables, full, features_dev, eps, key, e.ways,
+                             args.every, config.diffusion.sampler)
   trajectory = [{"steps_taken": j * args.every, "accuracy": float(a)} for j, a in
                 enumerate(traj)]
   print("trajectory:", " ".join(f"{t['steps_taken']}:{100 * t['accuracy']:.1f}"

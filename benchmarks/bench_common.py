@@ -1,5 +1,6 @@
-"""What the benchmark scripts share: the machine's description, the JSON writer, the NumPy
-augmentation baseline and the diffusion head's training step.
+"""What the benchmark scripts share: the machine's description, the JSON writer, the flags of
+a synthetic few-shot problem, the NumPy augmentation baseline and the diffusion head's
+training step.
 
 The scripts run as `python benchmarks/x.py`, which puts this folder on `sys.path`; they import
 this module as `import bench_common`. It imports neither the stages nor the config and data
@@ -35,6 +36,24 @@ def write_json(path, result) -> pathlib.Path:
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(json.dumps(result, indent=2) + "\n")
   return out
+
+
+def add_few_shot_args(parser, *, classes: int, images_per_class: int, steps_help: str) -> None:
+  """Adds the flags of a synthetic few-shot problem to an `argparse` parser.
+
+  Args:
+    parser: the script's `argparse.ArgumentParser`.
+    classes, images_per_class: the defaults of --classes and --images_per_class, the size of
+      the synthetic split.
+    steps_help: the help of --steps, T (default 1000).
+
+  The episodes are --ways 5 and --shots 1 by default.
+  """
+  parser.add_argument("--classes", type=int, default=classes)
+  parser.add_argument("--images_per_class", type=int, default=images_per_class)
+  parser.add_argument("--ways", type=int, default=5)
+  parser.add_argument("--shots", type=int, default=1)
+  parser.add_argument("--steps", type=int, default=1000, help=steps_help)
 
 
 def numpy_augment(images: np.ndarray, config, rng: np.random.Generator) -> np.ndarray:

@@ -2,8 +2,8 @@
 
 Runs the pipeline's own evaluation path on synthetic data of a benchmark's size: the
 test split's uint8 images embedded by the backbone (`features.embed` with the eval stage's
-`common.embed_fn`), then `evaluate.run_episodes`: N-way K-shot Q-query episodes from the
-`EpisodeSampler`, the full T-step MetaDiff sampler (`diffusion.sample_batch`) on every
+`embedding.embed_fn`), then `evaluator.evaluate_episodes` of `method.episode_metrics`: N-way
+K-shot Q-query episodes from the `EpisodeSampler`, the full T-step MetaDiff sampler (`diffusion.sample_batch`) on every
 episode, and the query accuracy of the denoised prototypes. Timed warm (after a first call
 that compiles), with the compile time reported apart.
 
@@ -30,9 +30,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from metadiff_jax import backbones, diffusion, prototypes, schedule, tcunet
+from metadiff_jax import (backbones, diffusion, embedding, evaluator, mesh, method, prototypes,
+                          schedule, tcunet)
 from metadiff_jax.data import augment, episodes as episodes_lib, features
-from metadiff_jax.stages import common, evaluate
 
 import bench_common
 
@@ -65,15 +65,12 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--backbone", default="conv4", choices=backbones.NAMES)
   parser.add_argument("--image_size", type=int, default=32)
-  parser.add_argument("--classes", type=int, default=20)
-  parser.add_argument("--images_per_class", type=int, default=60)
+  bench_common.add_few_shot_args(parser, classes=20, images_per_class=60,
+                                 steps_help="T of the sampler")
   parser.add_argument("--embed_batch", type=int, default=256)
   parser.add_argument("--episodes", type=int, default=60)
   parser.add_argument("--batch_episodes", type=int, default=60)
-  parser.add_argument("--ways", type=int, default=5)
-  parser.add_argument("--shots", type=int, default=1)
   parser.add_argument("--queries", type=int, default=15)
-  parser.add_argument("--steps", type=int, default=1000, help="T of the sampler")
   parser.add_argument("--num_sampling_steps", type=int, default=None,
                       help="respace the sampler to this many steps (default: all T)")
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
@@ -87,7 +84,7 @@ def main():
   dtype = jnp.bfloat16 if args.dtype == "bfloat16" else None
   module = backbones.make(args.backbone, dtype=dtype)
   backbone_vars = jax.jit(module.init)(jax.random.key(0), jnp.zeros((1, *images.shape[1:])))
-  embed = common.embed_fn(module, augment.for_dataset("mini_imagenet"))
+  embed = embedding.embed_fn(module, augment.for_dataset("mini_imagenet"))
   dim = backbones.feature_dim(module, images.shape[1:])
   model = tcunet.TCUNet(feature_dim=dim)
   denoiser_vars = model.init(jax.random.key(1), jnp.zeros((args.ways, dim)), 0,
@@ -101,9 +98,13 @@ def main():
     start = time.perf_counter()
     feats = features.embed(embed, backbone_vars, images, args.embed_batch, progress=False)
     embedded = time.perf_counter()
-    feature_set = features.FeatureSet(feats, labels, args.classes, "benchmark")
-    m = evaluate.run_episodes(model, denoiser_vars, sched, feature_set, sampler, args.episodes,
-                              args.batch_episodes, key, progress=False, dtype=dtype)
+    features_dev = mesh.replicate(feats)
+    m = evaluator.evaluate_episodes(
+        lambda eps: method.episode_metrics(model, denoiser_vars, sched, features_dev,
+                                           eps.support, eps.support_labels, eps.query,
+                                           eps.query_labels, eps.index, key, args.ways,
+                                           dtype=dtype),
+        sampler, args.episodes, args.batch_episodes)
     done = time.perf_counter()
     return feats, m, embedded - start, done - embedded
 

@@ -4,7 +4,7 @@ For each episode count B it compiles, without running them:
 (a) the sampler `diffusion.sample_batch` (T reverse steps, N-way K-shot, D features), which
     carries only the current weights through its `lax.scan`;
 (b) one diffusion training step: `value_and_grad` of `diffusion.loss`, the Adam update and the
-    EMA, as one step of `stages.train.train_steps` (the state donated, as there; the support
+    EMA, as one step of `method.train_steps` (the state donated, as there; the support
     features and targets are inputs here rather than gathered from the feature cache);
 and, in the same process, the baseline (c): the sampler keeping its whole trajectory
 (`sample_batch(..., trajectory_every=1)`, [B, T + 1, N, D]), which is what a loop storing every
@@ -73,7 +73,7 @@ class Programs:
         "sampler": jax.jit(lambda v, sc, w, s, y: diffusion.sample_batch(model, v, sc, w, s, y)),
         "trajectory": jax.jit(lambda v, sc, w, s, y: diffusion.sample_batch(
             model, v, sc, w, s, y, trajectory_every=1)),
-        # One step of `stages.train.train_steps`'s scan body, with the train stage's EMA
+        # One step of `method.train_steps`'s scan body, with the train stage's EMA
         # settings (decay 0.999 after 2,000 copied steps).
         "train_step": jax.jit(bench_common.diffusion_train_step(model, 0.999),
                               donate_argnums=(0,)),

@@ -52,7 +52,7 @@ import bench_common
 class Classifier(nn.Module):
   """The backbone with a linear head over the base classes: logits [B, C].
 
-  Mirrors `metadiff_jax.stages.pretrain.Classifier` (the stages import the config and data
+  Mirrors `metadiff_jax.pretraining.Classifier` (the library imports the config and data
   stacks, which the machines this benchmark targets may lack).
   """
 
@@ -65,7 +65,7 @@ class Classifier(nn.Module):
 
 
 def _sgd_step(state: PretrainState, x, y, dropout_key):
-  """One SGD step on a normalised batch; mirrors `stages.pretrain._sgd_step`."""
+  """One SGD step on a normalised batch; mirrors `pretraining.train_step`'s SGD step."""
   rng = jax.random.fold_in(dropout_key, state.step)
 
   def loss_fn(params):
@@ -83,7 +83,7 @@ def _sgd_step(state: PretrainState, x, y, dropout_key):
 
 
 def initial_state(backbone: nn.Module, num_classes: int, image_shape, key) -> PretrainState:
-  """Classifier variables and SGD state at step 0, as `stages.pretrain.initial_state` builds."""
+  """Classifier variables and SGD state at step 0, as `pretraining.initial_state` builds."""
   model = Classifier(backbone, num_classes)
   init = jax.jit(functools.partial(model.init, train=False))
   variables = init(key, jnp.zeros((1, *image_shape), jnp.float32))
@@ -137,7 +137,7 @@ def device_pretraining(backbone, args, images_dev, labels_dev, aug, key):
   data_key, dropout_key = jax.random.split(jax.random.fold_in(key, 1))
 
   def step(state, images, labels, data_key, dropout_key):
-    # Mirrors `stages.pretrain.train_step`: the batch of step `state.step`, drawn on device.
+    # Mirrors `pretraining.train_step`: the batch of step `state.step`, drawn on device.
     x, y = augment.draw_batch(images, labels, data_key, state.step, args.batch, aug)
     return _sgd_step(state, x, y, dropout_key)
 
@@ -162,7 +162,7 @@ def host_pretraining(backbone, args, images, labels, aug, key):
   dropout_key = jax.random.fold_in(key, 2)
   x0 = jnp.zeros((args.batch, *images.shape[1:]), jnp.float32)
   y0 = jnp.zeros((args.batch,), jnp.int32)
-  # Mirrors `stages.pretrain.train_step_on_batch`.
+  # Mirrors `pretraining.train_step_on_batch`.
   compiled = jax.jit(_sgd_step, donate_argnums=(0,)).lower(state, x0, y0, dropout_key).compile()
   rng = np.random.default_rng(1)
   per_epoch = len(images) // args.batch

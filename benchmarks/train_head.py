@@ -1,6 +1,6 @@
 """Episodes per second of diffusion training (Algorithm 1), against a host-fed loop.
 
-Measures `stages.train.train_steps`, the pipeline's own training call: `steps_per_call`
+Measures `method.train_steps`, the pipeline's own training call: `steps_per_call`
 optimiser steps in one `lax.scan`, each step's episodes drawn on the device from the base
 split's class table (`episodes.draw_support`), the TCUNet loss of Eq. 12, Adam with L2 and the
 EMA update, with no host round trip between steps. The baseline, in the same process, is the
@@ -25,9 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from metadiff_jax import schedule, tcunet
+from metadiff_jax import method, schedule, tcunet
 from metadiff_jax.data import episodes as episodes_lib
-from metadiff_jax.stages import train as train_stage
 from metadiff_jax.train_state import DiffusionState, adam_l2
 
 import bench_common
@@ -57,12 +56,9 @@ def main():
   parser.add_argument("--baseline_steps", type=int, default=30)
   parser.add_argument("--baseline_max_episodes", type=int, default=1 << 30,
                       help="skip the host-fed baseline above this batch")
-  parser.add_argument("--classes", type=int, default=64)
-  parser.add_argument("--images_per_class", type=int, default=600)
+  bench_common.add_few_shot_args(parser, classes=64, images_per_class=600,
+                                 steps_help="T of the diffusion")
   parser.add_argument("--dim", type=int, default=512)
-  parser.add_argument("--ways", type=int, default=5)
-  parser.add_argument("--shots", type=int, default=1)
-  parser.add_argument("--steps", type=int, default=1000, help="T of the diffusion")
   parser.add_argument("--out", default="benchmarks/results/train_head.json")
   args = parser.parse_args()
 
@@ -85,9 +81,8 @@ def main():
     k = args.steps_per_call
 
     def scanned(state):
-      return train_stage.train_steps(model, state, sched, features_dev, targets_dev,
-                                     table_dev, episode_key, key, k, b, args.ways,
-                                     args.shots, 0.9999, 2000)
+      return method.train_steps(model, state, sched, features_dev, targets_dev, table_dev,
+                                episode_key, key, k, b, args.ways, args.shots, 0.9999, 2000)
 
     state = make_state(model, args.dim, args.ways, args.shots)
     state, losses = scanned(state)  # compile

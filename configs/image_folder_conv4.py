@@ -40,6 +40,10 @@ Pretraining validation (5-way 1-shot) reached 98.86% after the fourth epoch; bot
 were best at step 500 (norm ratio 1.02 / 1.03); the last checkpoint, step 2000, gave 96.67% /
 99.70%. Like the glyph demo (configs/glyphs_conv4.py), the task is easy enough that class
 means are level with MetaDiff: it shows the path works, not that diffusion helps here.
+
+Presets: `:shot=1` or `:shot=5`, `:variant=NAME` (`config_lib.VARIANTS`), and `:tiny=1`, which
+shrinks every stage to seconds (`config_lib.TINY`; it names the build "tiny", so give
+`--config.data.builder_config` after it).
 """
 
 from metadiff_jax import config_lib

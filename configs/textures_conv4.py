@@ -22,14 +22,13 @@ class means. docs/STABILITY.md compares every variant on this dataset, the recom
 default among them.
 
 Presets: `:shot=1` or `:shot=5` trains and evaluates one shot setting only; `:variant=NAME`
-runs another variant (`config_lib.VARIANTS`).
+runs another variant (`config_lib.VARIANTS`); `:tiny=1` shrinks every stage to seconds on the
+build named "tiny" (`config_lib.TINY`).
 """
 
 from metadiff_jax import config_lib
 
 
 def get_config(arg=None):
-  config = config_lib.base_config("textures", "conv4")
   # 384 base classes x 20 images of 32 x 32 x 3: Conv4 gives 2 x 2 x 64 = 256-d features.
-  config_lib.cpu_schedule(config, pretrain_epochs=5, train_steps=5000)
-  return config_lib.finalize(config, arg)
+  return config_lib.cpu_conv4("textures", arg, pretrain_epochs=5, train_steps=5000)

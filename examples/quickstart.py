@@ -1,6 +1,6 @@
 import jax
 import jax.numpy as jnp
-from metadiff_jax import diffusion, prototypes, schedule, tcunet, torch_import
+from metadiff_jax import diffusion, prototypes, schedule, tcunet, pytorch_weights
 
 B, N, K, Q, D = 8, 5, 1, 15, 512  # episodes, ways, shots, queries per class, feature dim
 k_centres, k_support, k_query, k_init, k_w, k_loss = jax.random.split(jax.random.key(0), 6)
@@ -14,7 +14,7 @@ query = pick(centres, query_labels) + 4.0 * jax.random.normal(k_query, (B, N * Q
 sched = schedule.linear(num_steps=1000, beta_start=1e-4, beta_end=0.02)
 model = tcunet.TCUNet(feature_dim=D)
 variables = model.init(k_init, jnp.zeros((N, D)), 0, support[0], labels[0])
-# or: variables = {"params": torch_import.tcunet_params_from_torch(state_dict)}
+# or: variables = {"params": pytorch_weights.tcunet_params_from_torch(state_dict)}
 w_Ts = jax.random.normal(k_w, (B, N, D))  # Algorithm 2: w_T ~ N(0, I)
 eps = model.apply(variables, w_Ts[0], 999, support[0], labels[0])  # [N, D]
 w0 = diffusion.sample(model, variables, sched, w_Ts[0], support[0], labels[0])  # [N, D]

@@ -28,6 +28,7 @@
 #   -h, --help                  this text
 #   PYTHON                      the interpreter, default "python" from PATH
 #   TAIL_LINES                  lines of a failed process's log to show, default 30
+#   EXTRA_ARGS                  more args for main, space-separated (after those given after --)
 #
 # What to change: the global device count is NUM_PROCESSES x devices per process, and
 # config.pretrain.batch_size and config.train.episodes_per_step must be multiples of it
@@ -39,37 +40,13 @@ set -euo pipefail
 
 . "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-NUM_PROCESSES="${NUM_PROCESSES:-2}"
-PORT="${PORT:-}"
-CONFIG="${CONFIG:-configs/glyphs_conv4.py}"
-WORKDIR="${WORKDIR:-runs/local}"
-CPU="${CPU:-0}"
-DEVICES_PER_PROCESS="${DEVICES_PER_PROCESS:-}"
-DRY_RUN="${DRY_RUN:-0}"
-PYTHON="${PYTHON:-python}"
-TAIL_LINES="${TAIL_LINES:-30}"
-EXTRA=()
+options '-n|--num-processes=2' --port= --config=configs/glyphs_conv4.py --workdir=runs/local \
+  --cpu --devices-per-process=
+defaults PYTHON=python TAIL_LINES=30
+parse_args "$@"
 
-while [[ $# -gt 0 ]]; do
-  case "$1" in
-    -h|--help) usage; exit 0 ;;
-    --dry-run) DRY_RUN=1 ;;
-    --cpu) CPU=1 ;;
-    --) shift; EXTRA=("$@"); break ;;
-    -n|--num-processes|--port|--config|--workdir|--devices-per-process)
-      [[ $# -ge 2 ]] || die "option $1 needs a value (see --help)"
-      set_option "${1/#-n/--num-processes}" "$2"
-      shift ;;
-    --num-processes=*|--port=*|--config=*|--workdir=*|--devices-per-process=*)
-      set_option "${1%%=*}" "${1#*=}" ;;
-    *) die "unknown option '$1' (see --help; arguments for main go after --)" ;;
-  esac
-  shift
-done
-
-[[ "$NUM_PROCESSES" =~ ^[1-9][0-9]*$ ]] || die "NUM_PROCESSES must be a positive integer, got '$NUM_PROCESSES'"
-[[ -z "$DEVICES_PER_PROCESS" || "$DEVICES_PER_PROCESS" =~ ^[1-9][0-9]*$ ]] ||
-  die "DEVICES_PER_PROCESS must be a positive integer, got '$DEVICES_PER_PROCESS'"
+positive_ints NUM_PROCESSES
+[[ -z "$DEVICES_PER_PROCESS" ]] || positive_ints DEVICES_PER_PROCESS
 [[ "$CONFIG" && "$WORKDIR" ]] || die "CONFIG and WORKDIR must not be empty"
 
 if [[ -z "$PORT" ]]; then
@@ -103,8 +80,7 @@ process_env() {
 for ((i = 0; i < NUM_PROCESSES; i++)); do process_env "$i"; done  # fails before any starts
 
 LOGS="$WORKDIR/logs"
-echo "+ $(quote mkdir -p "$LOGS")"
-dry || mkdir -p "$LOGS"
+run mkdir -p "$LOGS"
 
 PIDS=()
 stop_all() {  # TERM the processes still running, KILL them after 10 s
@@ -122,9 +98,9 @@ trap 'echo "interrupted: stopping the processes" >&2; stop_all; exit 130' INT TE
 
 for ((i = 0; i < NUM_PROCESSES; i++)); do
   process_env "$i"
-  CMD=("$PYTHON" -m metadiff_jax.main --config "$CONFIG" --workdir "$WORKDIR"
-       "--coordinator_address=127.0.0.1:$PORT" "--num_processes=$NUM_PROCESSES"
-       "--process_id=$i" ${EXTRA[@]+"${EXTRA[@]}"})
+  main_args "--coordinator_address=127.0.0.1:$PORT" "--num_processes=$NUM_PROCESSES" \
+    "--process_id=$i"
+  CMD=("$PYTHON" "${MAIN_ARGS[@]}")
   LOG="$LOGS/process_$i.log"
   echo "+ $(quote ${ENV[@]+"${ENV[@]}"} "${CMD[@]}") > $(quote "$LOG") 2>&1 &"
   if ! dry; then

@@ -49,56 +49,23 @@ set -euo pipefail
 
 . "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-NODES="${NODES:-2}"
-GPUS_PER_NODE="${GPUS_PER_NODE:-8}"
-PARTITION="${PARTITION:-}"
-ACCOUNT="${ACCOUNT:-}"
-TIME="${TIME:-24:00:00}"
-JOB_NAME="${JOB_NAME:-metadiff}"
-CONFIG="${CONFIG:-configs/miniimagenet_resnet12.py}"
-WORKDIR="${WORKDIR:-}"
-DATA_DIR="${DATA_DIR:-}"
-REPO="${REPO:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}"
-VENV="${VENV-$REPO/.venv}"
-CPUS_PER_TASK="${CPUS_PER_TASK-auto}"
-GRES="${GRES:-}"
-EXTRA_SBATCH="${EXTRA_SBATCH:-}"
-SETUP="${SETUP:-}"
-EXTRA_ARGS="${EXTRA_ARGS:-}"
-DRY_RUN="${DRY_RUN:-0}"
-EXTRA=()
+defaults "REPO=$LAUNCH_REPO" CPUS_PER_TASK?=auto GRES= EXTRA_SBATCH= SETUP=
+options --nodes=2 --gpus-per-node=8 --partition= --account= --time=24:00:00 \
+  --job-name=metadiff --config=configs/miniimagenet_resnet12.py --workdir= --data-dir= \
+  "--venv?=$REPO/.venv"
+parse_args "$@"
 
-while [[ $# -gt 0 ]]; do
-  case "$1" in
-    -h|--help) usage; exit 0 ;;
-    --dry-run) DRY_RUN=1 ;;
-    --) shift; EXTRA=("$@"); break ;;
-    --nodes|--gpus-per-node|--partition|--account|--time|--job-name|--config|--workdir|--data-dir|--venv)
-      [[ $# -ge 2 ]] || die "option $1 needs a value (see --help)"
-      set_option "$1" "$2"
-      shift ;;
-    --nodes=*|--gpus-per-node=*|--partition=*|--account=*|--time=*|--job-name=*|--config=*|--workdir=*|--data-dir=*|--venv=*)
-      set_option "${1%%=*}" "${1#*=}" ;;
-    *) die "unknown option '$1' (see --help; arguments for main go after --)" ;;
-  esac
-  shift
-done
-
-[[ "$NODES" =~ ^[1-9][0-9]*$ ]] || die "NODES must be a positive integer, got '$NODES'"
-[[ "$GPUS_PER_NODE" =~ ^[1-9][0-9]*$ ]] || die "GPUS_PER_NODE must be a positive integer, got '$GPUS_PER_NODE'"
+positive_ints NODES GPUS_PER_NODE
 [[ "$JOB_NAME" =~ ^[A-Za-z0-9_.-]+$ ]] || die "JOB_NAME may hold only letters, digits, _ . -, got '$JOB_NAME'"
 [[ "$CPUS_PER_TASK" == auto ]] && CPUS_PER_TASK=$((4 * GPUS_PER_NODE))
 GRES="${GRES:-gpu:$GPUS_PER_NODE}"
 WORKDIR="${WORKDIR:-$PWD/runs/$JOB_NAME}"
 [[ "$WORKDIR" == /* ]] || WORKDIR="$PWD/$WORKDIR"  # the tasks start in REPO, not here
 [[ -z "$DATA_DIR" || "$DATA_DIR" == /* || "$DATA_DIR" == '~'* ]] || DATA_DIR="$PWD/$DATA_DIR"
-[[ -n "$EXTRA_ARGS" ]] && read -r -a more <<< "$EXTRA_ARGS" && EXTRA+=("${more[@]}")
 
 DEVICE_IDS="0"
 for ((g = 1; g < GPUS_PER_NODE; g++)); do DEVICE_IDS+=",$g"; done
-MAIN=(python -m metadiff_jax.main --config "$CONFIG" --workdir "$WORKDIR")
-[[ -n "$DATA_DIR" ]] && MAIN+=("--config.data.data_dir=$DATA_DIR")
-MAIN+=(${EXTRA[@]+"${EXTRA[@]}"})
+if [[ -n "$DATA_DIR" ]]; then main_args "--config.data.data_dir=$DATA_DIR"; else main_args; fi
 
 # The sbatch script.
 script() {
@@ -131,7 +98,7 @@ export JAX_LOCAL_DEVICE_IDS=$DEVICE_IDS
 # srun does not always pass --cpus-per-task on to its tasks (SLURM 22.05+).
 [ -n "\${SLURM_CPUS_PER_TASK:-}" ] && export SRUN_CPUS_PER_TASK=\$SLURM_CPUS_PER_TASK
 echo "job \$SLURM_JOB_ID: \$SLURM_JOB_NUM_NODES nodes (\$SLURM_JOB_NODELIST), $GPUS_PER_NODE GPUs each"
-srun --label --kill-on-bad-exit=1 $(quote "${MAIN[@]}")
+srun --label --kill-on-bad-exit=1 python $(quote "${MAIN_ARGS[@]}")
 SCRIPT
 }
 

@@ -63,49 +63,13 @@ set -euo pipefail
 
 . "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-NAME="${NAME:-metadiff-tpu}"
-ZONE="${ZONE:-us-central2-b}"
-TYPE="${TYPE:-v4-32}"
-RUNTIME="${RUNTIME:-tpu-ubuntu2204-base}"
-PROJECT="${PROJECT:-}"
-BUCKET="${BUCKET:-}"
-CONFIG="${CONFIG:-configs/miniimagenet_resnet12.py}"
-WORKDIR="${WORKDIR:-}"
-DATA_DIR="${DATA_DIR:-}"
-REPO="${REPO:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}"
-REF="${REF:-}"
-SPOT="${SPOT:-0}"
-PREEMPTIBLE="${PREEMPTIBLE:-0}"
-KEEP="${KEEP:-0}"
-SKIP_CREATE="${SKIP_CREATE:-0}"
-DRY_RUN="${DRY_RUN:-0}"
-MOUNT="${MOUNT:-}"
-GCSFUSE_FLAGS="${GCSFUSE_FLAGS:---implicit-dirs --rename-dir-limit=100000 --metadata-cache-ttl-secs=0}"
-PYTHON_VERSION="${PYTHON_VERSION:-3.11}"
-SCOPES="${SCOPES-https://www.googleapis.com/auth/cloud-platform}"
-CREATE_FLAGS="${CREATE_FLAGS:-}"
-EXTRA_ARGS="${EXTRA_ARGS:-}"
-EXTRA=()
-
-while [[ $# -gt 0 ]]; do
-  case "$1" in
-    -h|--help) usage; exit 0 ;;
-    --dry-run) DRY_RUN=1 ;;
-    --spot) SPOT=1 ;;
-    --preemptible) PREEMPTIBLE=1 ;;
-    --keep) KEEP=1 ;;
-    --skip-create) SKIP_CREATE=1 ;;
-    --) shift; EXTRA=("$@"); break ;;
-    --name|--zone|--type|--runtime|--project|--bucket|--config|--workdir|--data-dir|--repo|--ref)
-      [[ $# -ge 2 ]] || die "option $1 needs a value (see --help)"
-      set_option "$1" "$2"
-      shift ;;
-    --name=*|--zone=*|--type=*|--runtime=*|--project=*|--bucket=*|--config=*|--workdir=*|--data-dir=*|--repo=*|--ref=*)
-      set_option "${1%%=*}" "${1#*=}" ;;
-    *) die "unknown option '$1' (see --help; arguments for main go after --)" ;;
-  esac
-  shift
-done
+options --name=metadiff-tpu --zone=us-central2-b --type=v4-32 --runtime=tpu-ubuntu2204-base \
+  --project= --bucket= --config=configs/miniimagenet_resnet12.py --workdir= --data-dir= \
+  "--repo=$LAUNCH_REPO" --ref= --spot --preemptible --keep --skip-create
+defaults MOUNT= PYTHON_VERSION=3.11 CREATE_FLAGS= \
+  "GCSFUSE_FLAGS=--implicit-dirs --rename-dir-limit=100000 --metadata-cache-ttl-secs=0" \
+  "SCOPES?=https://www.googleapis.com/auth/cloud-platform"
+parse_args "$@"
 
 [[ -n "$BUCKET" ]] || die "set BUCKET (or --bucket), the GCS bucket for the workdir and the datasets"
 BUCKET="${BUCKET#gs://}"
@@ -113,14 +77,8 @@ BUCKET="${BUCKET%/}"
 MOUNT="${MOUNT:-/mnt/$BUCKET}"
 WORKDIR="${WORKDIR:-$MOUNT/runs/$NAME}"
 DATA_DIR="${DATA_DIR:-$MOUNT/tensorflow_datasets}"
-[[ -n "$EXTRA_ARGS" ]] && read -r -a more <<< "$EXTRA_ARGS" && EXTRA+=("${more[@]}")
 dry || command -v gcloud >/dev/null ||
   die "gcloud not found: install the Google Cloud CLI (https://cloud.google.com/sdk) and run gcloud init"
-
-run() {  # prints a command, then runs it unless --dry-run
-  echo "+ $(quote "$@")"
-  dry || "$@"
-}
 
 TPU=(gcloud compute tpus tpu-vm)
 WHERE=("--zone=$ZONE")
@@ -214,8 +172,8 @@ on_all "set -e; cd $CODE; test -x $VENV/bin/python || { python3 -m pip install -
 $VENV/bin/pip install -q -e . \"jax[tpu]\""
 
 # 5. The run, on every worker at once.
-on_all "cd $CODE && $VENV/bin/python -m metadiff_jax.main $(quote --config "$CONFIG" \
---workdir "$WORKDIR" "--config.data.data_dir=$DATA_DIR" ${EXTRA[@]+"${EXTRA[@]}"})"
+main_args "--config.data.data_dir=$DATA_DIR"
+on_all "cd $CODE && $VENV/bin/python $(quote "${MAIN_ARGS[@]}")"
 WHERE_TO="$WORKDIR on the workers"
 [[ "$WORKDIR" == "$MOUNT"/* ]] && WHERE_TO="gs://$BUCKET/${WORKDIR#"$MOUNT"/}"
 if dry; then echo "dry run: nothing was run; results would go to $WHERE_TO"

@@ -4,7 +4,7 @@
   map (32x32 -> 2x2x64 = 256, 84x84 -> 5x5x64 = 1600).
 - `ResNet12`: the few-shot ResNet12 as MetaDiff uses it (64-128-256-512 channels, 512-d
   features), with the wide variant (64-160-320-640, DropBlock 0.1) by `make("resnet12_wide")`.
-  Its parameter tree mirrors the PyTorch names, so `torch_import.resnet12_variables_from_torch`
+  Its parameter tree mirrors the PyTorch names, so `pytorch_weights.resnet12_variables_from_torch`
   maps a checkpoint one to one:
 
     layerL/conv{1,2,3}/kernel    <- layerL.conv{1,2,3}.weight       (L = 1..4; OIHW -> HWIO)

@@ -388,6 +388,23 @@ class Checkpoints:
       raise CheckpointMismatchError(self.directory, step, detail)
 
 
+def restore_or_raise(store: Checkpoints, template: Any, step: int | None = None, *,
+                     mismatch, unreadable) -> tuple[Any, dict]:
+  """`store.restore(template, step)`, its two failures turned into the caller's errors.
+
+  Args:
+    mismatch: CheckpointMismatchError -> the exception to raise where the checkpoint does not
+      fit `template` (a run of another config).
+    unreadable: UnreadableCheckpointError -> the exception to raise where no step can be read.
+  """
+  try:
+    return store.restore(template, step)
+  except CheckpointMismatchError as e:
+    raise mismatch(e) from None
+  except UnreadableCheckpointError as e:
+    raise unreadable(e) from None
+
+
 def read_latest(directory: str) -> tuple[Any, dict] | None:
   """(tree, metadata) of the newest intact checkpoint in `directory` as saved
   (`restore_saved`), or None where the directory holds none.

@@ -30,6 +30,7 @@ from absl import flags
 from ml_collections import config_flags
 from ml_collections.config_flags import tuple_parser
 
+from metadiff_jax import config_lib
 from metadiff_jax.errors import UserError
 
 
@@ -41,7 +42,6 @@ class _ConfigFileParser(flags.ArgumentParser):
     self.loaded = None  # the file's config before the overrides, for check_overrides
 
   def parse(self, argument):
-    from metadiff_jax import config_lib  # pylint: disable=g-import-not-at-top  (imports JAX)
     path, colon, arg = argument.partition(":")
     config = config_lib.read_config_file(path, arg if colon else None)
     for field in _override_names(sys.argv if self.sys_argv is None else self.sys_argv):
@@ -95,7 +95,6 @@ def define(flag_values: flags.FlagValues = flags.FLAGS,
 def check_overrides(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   """Raises a ConfigError where a parsed override gives a tuple elements of another type than
   the file's (`--config.train.shots=abc`, which the stages' checks would meet as a traceback)."""
-  from metadiff_jax import config_lib  # pylint: disable=g-import-not-at-top
   flag = flag_values["config"]
   for field, value in config_flags.get_override_values(flag).items():
     config_lib.check_override_type(field, value, _value_at(flag.parser.loaded, field))

@@ -1,24 +1,37 @@
-"""Shared pieces of the pipeline's configs: the base config, presets, and checks.
+"""Shared pieces of the pipeline's configs: the base config, presets, and generic checks.
 
 A file `configs/<name>.py` defines `get_config(arg=None)`: it starts from `base_config(...)`,
 changes what its dataset and backbone need, and returns `finalize(config, arg)`, which applies
-presets given after a colon on the command line (`--config=configs/x.py:shot=1`), checks the
-values and locks the config so that a misspelt field (`--config.train.stpes=5`) fails loudly.
+presets given after a colon on the command line (`--config=configs/x.py:shot=1`; `tiny=1`
+shrinks every stage to seconds) and locks the config so that a misspelt field
+(`--config.train.stpes=5`) fails loudly.
 
 Sections: `data` (the built dataset and its augmentations), `backbone`, `pretrain`,
 `prototypes` (the diffusion targets), `diffusion` (the schedule), `denoiser` (the TCUNet),
-`train` (diffusion training), `eval`, and `stages` (which stages run, in order).
+`train` (diffusion training), `eval`, `analysis`, `stability`, and `stages` (which stages run,
+in order).
+
+The defaults are plain values: this module imports no model module, so that the config sits
+below the model. `check` holds the checks that need none; `metadiff_jax.checks.check` runs it
+with those of the modules that own the other values.
 """
 
 from __future__ import annotations
 
+import difflib
+import importlib.machinery
+import importlib.util
+import inspect
+import json
 import math
+import os
+import sys
+import traceback
 
 import ml_collections
 from ml_collections import config_dict
 
-from metadiff_jax import diffusion, heads, tcunet
-from metadiff_jax.data import augment
+from metadiff_jax.data.spec import AUGMENTATIONS
 from metadiff_jax.errors import ConfigError, UserError
 
 # The pipeline's stages, in the order they run by default; "analysis" (the paper's analyses,
@@ -62,14 +75,40 @@ VARIANTS = {
 # The variant every config starts from (docs/STABILITY.md says why).
 RECOMMENDED = "weights_normalized_shot_mean"
 
+# The `tiny` preset (`:tiny=1`): every stage shrunk to seconds, on the build named "tiny" (the
+# tests build 40 glyph classes of 20 images of 16 x 16: `python -m metadiff_jax.data build
+# glyphs --config tiny --num_classes 40 --images_per_class 20 --image_size 16`). The tests,
+# the notebook's TINY run and CI use it to show that the pipeline runs, not what it reaches.
+TINY = {
+    "data.builder_config": "tiny",
+    "pretrain.epochs": 2, "pretrain.batch_size": 32, "pretrain.val_episodes": 20,
+    "pretrain.log_every_steps": 5,
+    "diffusion.num_steps": 10,
+    "denoiser.hidden_dims": (32, 16),
+    "train.shots": (1,), "train.steps": 20, "train.steps_per_call": 5,
+    "train.val_every_steps": 10, "train.val_episodes": 10, "train.log_every_steps": 5,
+    "train.checkpoint_every_steps": 5, "train.ema_start_step": 5,
+    "eval.episodes": 20, "eval.batch_episodes": 8,
+}
+
+
+def set_fields(config, fields: dict) -> None:
+  """Sets each "section.name" of `fields` in `config` to its value."""
+  for field, value in fields.items():
+    section, key = field.split(".")
+    config[section][key] = value
+
 
 def apply_variant(config, name: str) -> None:
   """Sets the fields of `ORIGINAL` to those of the named variant (`VARIANTS`)."""
   if name not in VARIANTS:
     raise ConfigError(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
-  for field, value in {**ORIGINAL, **VARIANTS[name]}.items():
-    section, key = field.split(".")
-    config[section][key] = value
+  set_fields(config, {**ORIGINAL, **VARIANTS[name]})
+
+
+def apply_tiny(config) -> None:
+  """Shrinks every stage of `config` to seconds (`TINY`, the `tiny=1` preset)."""
+  set_fields(config, TINY)
 
 
 def variant_of(config) -> str | None:
@@ -97,216 +136,176 @@ def base_config(dataset: str = "glyphs", backbone: str = "conv4") -> ml_collecti
   # Which stages run, in order; each skips what its checkpoint says is already done.
   config.stages = STAGES
 
-  config.data = ml_collections.ConfigDict()
-  config.data.name = dataset
-  config.data.data_dir = "~/tensorflow_datasets"
-  config.data.builder_config = config_dict.placeholder(str)  # None: the build named "default"
-  # Pretraining augmentations (metadiff_jax.data.augment.DEFAULTS[name]); mean/std None take
-  # the dataset's normalisation constants.
-  config.data.augment = ml_collections.ConfigDict(augment.DEFAULTS[dataset])
-  config.data.augment.mean = config_dict.placeholder(tuple)
-  config.data.augment.std = config_dict.placeholder(tuple)
-  # Hold the pretraining split on the accelerator as uint8 when it takes at most this
-  # fraction of its memory; otherwise batches are gathered on the host.
-  config.data.device_memory_fraction = 0.5
+  config.data = ml_collections.ConfigDict(dict(
+      name=dataset, data_dir="~/tensorflow_datasets",
+      builder_config=config_dict.placeholder(str),  # None: the build named "default"
+      # Pretraining augmentations (`AUGMENTATIONS[name]`); mean/std None take the dataset's
+      # normalisation constants.
+      augment=ml_collections.ConfigDict(dict(AUGMENTATIONS[dataset],
+                                             mean=config_dict.placeholder(tuple),
+                                             std=config_dict.placeholder(tuple))),
+      # Hold the pretraining split on the accelerator as uint8 when it takes at most this
+      # fraction of its memory; otherwise batches are gathered on the host.
+      device_memory_fraction=0.5))
 
-  config.backbone = ml_collections.ConfigDict()
-  config.backbone.name = backbone
-  # A PyTorch ResNet12 state dict (.pth, or .npz of its tensors) to use instead of
-  # pretraining; the pretrain stage imports it and stops there.
-  config.backbone.checkpoint = config_dict.placeholder(str)
-  # Meta-Baseline's ResNet12 activates after the fourth block's sum, the original's does not.
-  config.backbone.activate_last = False
-  config.backbone.dropblock_rate = config_dict.placeholder(float)  # None: the backbone's own
-  # Computation dtype of pretraining and feature extraction ("float32" or "bfloat16");
-  # parameters, batch statistics and the loss stay float32 either way.
-  config.backbone.compute_dtype = "float32"
+  config.backbone = ml_collections.ConfigDict(dict(
+      name=backbone,
+      # A PyTorch ResNet12 state dict (.pth, or .npz of its tensors) to use instead of
+      # pretraining; the pretrain stage imports it and stops there.
+      checkpoint=config_dict.placeholder(str),
+      # Meta-Baseline's ResNet12 activates after the fourth block's sum, the original's does not.
+      activate_last=False,
+      dropblock_rate=config_dict.placeholder(float),  # None: the backbone's own
+      # Computation dtype of pretraining and feature extraction ("float32" or "bfloat16");
+      # parameters, batch statistics and the loss stay float32 either way.
+      compute_dtype="float32"))
 
   # Backbone pretraining: cross-entropy over all base classes with a linear head, the
   # Classifier-Baseline recipe (Chen et al. 2021; its miniImageNet setting below).
-  config.pretrain = ml_collections.ConfigDict()
-  config.pretrain.epochs = 100
-  config.pretrain.batch_size = 128
-  config.pretrain.learning_rate = 0.1
-  config.pretrain.momentum = 0.9
-  config.pretrain.weight_decay = 5e-4  # L2 added to the gradient, as PyTorch's SGD does
-  config.pretrain.lr_decay_epochs = (90,)
-  config.pretrain.lr_decay_factor = 0.1
-  # After each epoch: a few-shot check on the validation split with class-mean prototypes;
-  # the backbone of the best epoch is kept.
-  config.pretrain.val_ways = 5
-  config.pretrain.val_shots = 1
-  config.pretrain.val_queries = 15
-  config.pretrain.val_episodes = 500
-  config.pretrain.log_every_steps = 50
-  config.pretrain.checkpoint_every_steps = 1000  # and at every epoch's end
-  config.pretrain.embed_batch_size = 256
+  config.pretrain = ml_collections.ConfigDict(dict(
+      epochs=100, batch_size=128, learning_rate=0.1, momentum=0.9,
+      weight_decay=5e-4,  # L2 added to the gradient, as PyTorch's SGD does
+      lr_decay_epochs=(90,), lr_decay_factor=0.1,
+      # After each epoch: a few-shot check on the validation split with class-mean prototypes;
+      # the backbone of the best epoch is kept.
+      val_ways=5, val_shots=1, val_queries=15, val_episodes=500,
+      log_every_steps=50,
+      checkpoint_every_steps=1000,  # and at every epoch's end
+      embed_batch_size=256))
 
   # The diffusion targets w0 (Algorithm 1, line 3): per base class, the mean feature over all
   # its images. 0 passes: clean images (the default); n > 0: the mean over n passes of
   # augmented images (the original used one augmented pass).
-  config.prototypes = ml_collections.ConfigDict()
-  config.prototypes.augmented_passes = 0
-  # With the linear head (denoiser.head = "linear") an episode's target w0 is instead the
-  # N-way linear classifier fit, during diffusion training, by cross-entropy on all base
-  # images of the episode's classes (`heads.fit_linear`: Nesterov steps from zero, step size
-  # 1 / curvature bound, penalty l2 * ||W||^2 on the weights, not the bias). Chosen on random
-  # ReLU features like Conv4's (D = 256, 5 classes of 20 images, three class separations,
-  # 8 episodes each): with l2 = 1e-2, 400 steps bring the objective within 0.4-0.6% of its
-  # 20,000-step optimum, and doubling them changes it by < 0.2% (100 steps: 1.6-3.6% off);
-  # held-out accuracy is the same (+-0.01) for l2 from 1e-3 to 1e-2, and 1e-3 needs 800 steps.
-  config.prototypes.linear_fit_steps = 400
-  config.prototypes.linear_fit_l2 = 1e-2
+  config.prototypes = ml_collections.ConfigDict(dict(
+      augmented_passes=0,
+      # With the linear head (denoiser.head = "linear") an episode's target w0 is instead the
+      # N-way linear classifier fit, during diffusion training, by cross-entropy on all base
+      # images of the episode's classes (`heads.fit_linear`: Nesterov steps from zero, step size
+      # 1 / curvature bound, penalty l2 * ||W||^2 on the weights, not the bias). Chosen on random
+      # ReLU features like Conv4's (D = 256, 5 classes of 20 images, three class separations,
+      # 8 episodes each): with l2 = 1e-2, 400 steps bring the objective within 0.4-0.6% of its
+      # 20,000-step optimum, and doubling them changes it by < 0.2% (100 steps: 1.6-3.6% off);
+      # held-out accuracy is the same (+-0.01) for l2 from 1e-3 to 1e-2, and 1e-3 needs 800 steps.
+      linear_fit_steps=400, linear_fit_l2=1e-2))
 
   # Section 4.2: DDPM's linear schedule, beta from 1e-4 to 0.02 over T = 1000 steps.
-  config.diffusion = ml_collections.ConfigDict()
-  config.diffusion.schedule = "linear"  # or "cosine"
-  config.diffusion.num_steps = 1000
-  config.diffusion.beta_start = 1e-4
-  config.diffusion.beta_end = 0.02
-  # Sampling (validation and evaluation). num_sampling_steps K < num_steps respaces the
-  # reverse process to K of the T steps (Nichol & Dhariwal 2021); None runs all T. The
-  # denoiser's layers compute in sampler_dtype ("float32" or "bfloat16"; the weights being
-  # denoised stay float32) with matmul precision sampler_precision ("default", "high" or
-  # "highest"); docs/PERFORMANCE.md measures what each changes.
-  config.diffusion.num_sampling_steps = config_dict.placeholder(int)
-  config.diffusion.sampler_dtype = "float32"
-  config.diffusion.sampler_precision = "default"
-  # The reverse update (docs/STABILITY.md): "original" (Eq. 8 as the original code runs it,
-  # no noise), "ddpm" (the same plus sigma_t z, sigma_t^2 = beta_t) or "ddim" (eta = 0).
-  config.diffusion.sampler = "original"
-  # None: diffuse the features as the backbone gives them. r > 0: rescale every feature
-  # vector (support, query and base images, so the class-mean targets too) to root-mean-square
-  # coordinate r, norm r sqrt(D), before diffusion and classification.
-  config.diffusion.feature_rms = config_dict.placeholder(float)
+  config.diffusion = ml_collections.ConfigDict(dict(
+      schedule="linear",  # or "cosine"
+      num_steps=1000, beta_start=1e-4, beta_end=0.02,
+      # Sampling (validation and evaluation). num_sampling_steps K < num_steps respaces the
+      # reverse process to K of the T steps (Nichol & Dhariwal 2021); None runs all T. The
+      # denoiser's layers compute in sampler_dtype ("float32" or "bfloat16"; the weights being
+      # denoised stay float32) with matmul precision sampler_precision ("default", "high" or
+      # "highest"); docs/PERFORMANCE.md measures what each changes.
+      num_sampling_steps=config_dict.placeholder(int),
+      sampler_dtype="float32", sampler_precision="default",
+      # The reverse update (docs/STABILITY.md): "original" (Eq. 8 as the original code runs it,
+      # no noise), "ddpm" (the same plus sigma_t z, sigma_t^2 = beta_t) or "ddim" (eta = 0).
+      sampler="original",
+      # None: diffuse the features as the backbone gives them. r > 0: rescale every feature
+      # vector (support, query and base images, so the class-mean targets too) to root-mean-square
+      # coordinate r, norm r sqrt(D), before diffusion and classification.
+      feature_rms=config_dict.placeholder(float)))
 
   # Section 4.3: the TCUNet. feature_dim None: the backbone's D; hidden_dims None: (W/2, W/4)
   # for weight rows of width W (D, or D + 1 for the linear head).
-  config.denoiser = ml_collections.ConfigDict()
-  config.denoiser.feature_dim = config_dict.placeholder(int)
-  config.denoiser.hidden_dims = config_dict.placeholder(tuple)
-  config.denoiser.time_embed_dim = 320
-  config.denoiser.loss_reduction = "sum"  # the original code; "mean" is Eq. 11 as printed
-  # The variants of Tables 3 and 4 (see `tcunet`). head: the base learner whose weights are
-  # diffused, "prototype" (the paper's; targets are class means) or "linear" (Table 4; targets
-  # from prototypes.linear_fit_*, queries scored by W f + b, and the network is fed the
-  # gradient of its cross-entropy support loss). gradient, for the prototype head: "l2"
-  # (Eq. 11) or "cosine_ce" (Table 3 ii: the support set's cross-entropy under the 10 x
-  # cosine query classifier). unet = False (Table 3 iii, "w/o UNet"): eps = the gradient, with
-  # no parameters to train; run it with stages that skip "train".
-  config.denoiser.head = "prototype"
-  config.denoiser.gradient = "l2"
-  config.denoiser.unet = True
-  # Stabilised variants (docs/STABILITY.md). inputs: what the TCUNet's first block reads,
-  # ("gradient",) in the original, with "weights" (w_t) and/or "means" (the support class
-  # means) added. prediction: "eps" (Eq. 12) or "x0" (the network outputs w_0).
-  config.denoiser.inputs = ("gradient",)
-  config.denoiser.prediction = "eps"
+  config.denoiser = ml_collections.ConfigDict(dict(
+      feature_dim=config_dict.placeholder(int), hidden_dims=config_dict.placeholder(tuple),
+      time_embed_dim=320,
+      loss_reduction="sum",  # the original code; "mean" is Eq. 11 as printed
+      # The variants of Tables 3 and 4 (see `tcunet`). head: the base learner whose weights are
+      # diffused, "prototype" (the paper's; targets are class means) or "linear" (Table 4; targets
+      # from prototypes.linear_fit_*, queries scored by W f + b, and the network is fed the
+      # gradient of its cross-entropy support loss). gradient, for the prototype head: "l2"
+      # (Eq. 11) or "cosine_ce" (Table 3 ii: the support set's cross-entropy under the 10 x
+      # cosine query classifier). unet = False (Table 3 iii, "w/o UNet"): eps = the gradient, with
+      # no parameters to train; run it with stages that skip "train".
+      head="prototype", gradient="l2", unet=True,
+      # Stabilised variants (docs/STABILITY.md). inputs: what the TCUNet's first block reads,
+      # ("gradient",) in the original, with "weights" (w_t) and/or "means" (the support class
+      # means) added. prediction: "eps" (Eq. 12) or "x0" (the network outputs w_0).
+      inputs=("gradient",), prediction="eps"))
 
   # Diffusion training (Algorithm 1, Eq. 12), one denoiser per shot setting; defaults are the
   # original's: Adam 1e-4 with PyTorch-style L2 5e-4, 8 episodes a step, EMA 0.9999 copied
   # outright for the first 2,000 steps; the paper trains 30 epochs x 10,000 iterations.
-  config.train = ml_collections.ConfigDict()
-  config.train.shots = (1, 5)
-  config.train.ways = 5
-  config.train.steps = 300_000
-  config.train.episodes_per_step = 8
-  config.train.learning_rate = 1e-4
-  config.train.weight_decay = 5e-4
-  config.train.ema_decay = 0.9999
-  config.train.ema_start_step = 2000
-  # Optimiser steps per compiled call (a lax.scan), so the host is not visited every step.
-  config.train.steps_per_call = 100
-  config.train.log_every_steps = 1000
-  config.train.checkpoint_every_steps = 10_000
-  # Validation with the EMA parameters and the full sampler; the best is kept.
-  config.train.val_every_steps = 10_000
-  config.train.val_episodes = 300
-  config.train.val_queries = 15
+  config.train = ml_collections.ConfigDict(dict(
+      shots=(1, 5), ways=5, steps=300_000, episodes_per_step=8,
+      learning_rate=1e-4, weight_decay=5e-4, ema_decay=0.9999, ema_start_step=2000,
+      # Optimiser steps per compiled call (a lax.scan), so the host is not visited every step.
+      steps_per_call=100,
+      log_every_steps=1000, checkpoint_every_steps=10_000,
+      # Validation with the EMA parameters and the full sampler; the best is kept.
+      val_every_steps=10_000, val_episodes=300, val_queries=15))
 
   # Episodic evaluation on the test split: MetaDiff, the same sampler with an untrained
   # denoiser, and class-mean prototypes, on the same episodes, mean +- 1.96 std / sqrt(n).
-  config.eval = ml_collections.ConfigDict()
-  config.eval.shots = config_dict.placeholder(tuple)  # None: train.shots
-  config.eval.ways = 5
-  config.eval.queries = 15
-  config.eval.episodes = 600
-  config.eval.batch_episodes = 100  # episodes per compiled sampler call
-  # Divergence diagnostic (prototype head): the held-out noise error of the trained and the
-  # untrained denoiser in each of diagnostic_buckets ranges of steps, on the first
-  # diagnostic_episodes test episodes (0: skip it).
-  config.eval.diagnostic_episodes = 200
-  config.eval.diagnostic_buckets = 10
-  # Which denoiser the MetaDiff row evaluates: "best" (the best-validated one,
-  # train_<K>shot/best), "last" (the latest in train_<K>shot/checkpoints) or a step kept there
-  # (an int). The results add the last checkpoint's row beside the best one (or the best's
-  # beside the last), so a sampler that diverges late in training shows. Any type, so that
-  # both --config.eval.checkpoint=last and =3000 parse.
-  config.eval.checkpoint = config_dict.FieldReference("best", field_type=object)
+  config.eval = ml_collections.ConfigDict(dict(
+      shots=config_dict.placeholder(tuple),  # None: train.shots
+      ways=5, queries=15, episodes=600,
+      batch_episodes=100,  # episodes per compiled sampler call
+      # Divergence diagnostic (prototype head): the held-out noise error of the trained and the
+      # untrained denoiser in each of diagnostic_buckets ranges of steps, on the first
+      # diagnostic_episodes test episodes (0: skip it).
+      diagnostic_episodes=200, diagnostic_buckets=10,
+      # Which denoiser the MetaDiff row evaluates: "best" (the best-validated one,
+      # train_<K>shot/best), "last" (the latest in train_<K>shot/checkpoints) or a step kept there
+      # (an int). The results add the last checkpoint's row beside the best one (or the best's
+      # beside the last), so a sampler that diverges late in training shows. Any type, so that
+      # both --config.eval.checkpoint=last and =3000 parse.
+      checkpoint=config_dict.FieldReference("best", field_type=object)))
 
   # The paper's analyses (the optional "analysis" stage, configs/paper_analysis.py): Tables
   # 2-4 and Figures 4-5 on the eval stage's test episodes (eval.ways, eval.queries).
-  config.analysis = ml_collections.ConfigDict()
-  # What to produce: any of table2, table3, table4, fig4, fig5.
-  config.analysis.parts = ANALYSIS_PARTS
-  config.analysis.shots = config_dict.placeholder(tuple)  # None: the eval stage's shots
-  config.analysis.episodes = config_dict.placeholder(int)  # test episodes; None: eval.episodes
-  config.analysis.batch_episodes = 100
-  # The baselines' inner loop: steps at meta-training and test time (ANIL, MetaLSTM, ALFA),
-  # and the std of the Gaussian initial weights (GDA, momentum GDA, ALFA; MetaDiff's w_T is
-  # N(0, I) too).
-  config.analysis.inner_steps = 10
-  config.analysis.init_std = 1.0
-  # GDA and momentum GDA have nothing to meta-train: learning rate and step count are picked
-  # on validation episodes from this grid (the choice is written into table2.md).
-  config.analysis.gda_learning_rates = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3)
-  config.analysis.gda_steps = (1, 3, 10, 30, 100)
-  config.analysis.gda_momentum = 0.9
-  # Bi-level meta-training of ANIL, MetaLSTM and ALFA on base episodes of `queries` queries a
-  # class: Adam on the query cross-entropy, through the unrolled inner loop.
-  config.analysis.meta_steps = 10_000
-  config.analysis.meta_episodes_per_step = 8
-  config.analysis.meta_learning_rate = 1e-3
-  config.analysis.queries = 15
-  config.analysis.steps_per_call = 50
-  config.analysis.log_every_steps = 100
-  config.analysis.val_every_steps = 1000
-  config.analysis.val_episodes = 300
-  # Training steps of the ablation denoisers (Tables 3-4); None: train.steps.
-  config.analysis.denoiser_steps = config_dict.placeholder(int)
-  # Figure 4: inner-loop step counts whose training-step memory is measured.
-  config.analysis.memory_inner_steps = (5, 10, 20, 40, 80)
-  # Figure 5: reverse steps between the points of the convergence curve.
-  config.analysis.trajectory_every = 10
+  config.analysis = ml_collections.ConfigDict(dict(
+      # What to produce: any of table2, table3, table4, fig4, fig5.
+      parts=ANALYSIS_PARTS,
+      shots=config_dict.placeholder(tuple),  # None: the eval stage's shots
+      episodes=config_dict.placeholder(int),  # test episodes; None: eval.episodes
+      batch_episodes=100,
+      # The baselines' inner loop: steps at meta-training and test time (ANIL, MetaLSTM, ALFA),
+      # and the std of the Gaussian initial weights (GDA, momentum GDA, ALFA; MetaDiff's w_T is
+      # N(0, I) too).
+      inner_steps=10, init_std=1.0,
+      # GDA and momentum GDA have nothing to meta-train: learning rate and step count are picked
+      # on validation episodes from this grid (the choice is written into table2.md).
+      gda_learning_rates=(0.001, 0.003, 0.01, 0.03, 0.1, 0.3), gda_steps=(1, 3, 10, 30, 100),
+      gda_momentum=0.9,
+      # Bi-level meta-training of ANIL, MetaLSTM and ALFA on base episodes of `queries` queries a
+      # class: Adam on the query cross-entropy, through the unrolled inner loop.
+      meta_steps=10_000, meta_episodes_per_step=8, meta_learning_rate=1e-3, queries=15,
+      steps_per_call=50, log_every_steps=100, val_every_steps=1000, val_episodes=300,
+      # Training steps of the ablation denoisers (Tables 3-4); None: train.steps.
+      denoiser_steps=config_dict.placeholder(int),
+      # Figure 4: inner-loop step counts whose training-step memory is measured.
+      memory_inner_steps=(5, 10, 20, 40, 80),
+      # Figure 5: reverse steps between the points of the convergence curve.
+      trajectory_every=10))
 
   # The stability study (the optional "stability" stage, configs/stability.py): each variant
   # (`VARIANTS`) trained on the pipeline's features for `steps` steps (None: train.steps) and
   # measured on the eval stage's test episodes; the lr_variants also at learning_rates.
-  config.stability = ml_collections.ConfigDict()
-  config.stability.variants = ("faithful", "ddpm", "ddim", "weights", "means", "normalized",
-                               "mean_gradient", "x0", "x0_weights", "weights_normalized",
-                               "weights_normalized_mean", "weights_normalized_shot_mean")
-  config.stability.shots = config_dict.placeholder(tuple)  # None: the eval stage's shots
-  config.stability.episodes = config_dict.placeholder(int)  # None: eval.episodes
-  config.stability.steps = config_dict.placeholder(int)
-  # How the study's denoisers are validated and checkpointed (None: as train.* says), kept
-  # here so that the study never changes the record of the train stage's own denoisers.
-  config.stability.val_every_steps = config_dict.placeholder(int)
-  config.stability.checkpoint_every_steps = config_dict.placeholder(int)
-  config.stability.val_episodes = config_dict.placeholder(int)
-  config.stability.learning_rates = (1e-3,)
-  config.stability.lr_variants = ("faithful", "weights_normalized",
-                                  "weights_normalized_shot_mean")
-  # Diagnostics of each row's last checkpoint: reverse steps between trajectory points, and
-  # the episodes and step ranges of the held-out noise error.
-  config.stability.trajectory_every = 10
-  config.stability.diagnostic_episodes = 200
-  config.stability.diagnostic_buckets = 10
+  config.stability = ml_collections.ConfigDict(dict(
+      variants=("faithful", "ddpm", "ddim", "weights", "means", "normalized", "mean_gradient",
+                "x0", "x0_weights", "weights_normalized", "weights_normalized_mean",
+                "weights_normalized_shot_mean"),
+      shots=config_dict.placeholder(tuple),  # None: the eval stage's shots
+      episodes=config_dict.placeholder(int),  # None: eval.episodes
+      steps=config_dict.placeholder(int),
+      # How the study's denoisers are validated and checkpointed (None: as train.* says), kept
+      # here so that the study never changes the record of the train stage's own denoisers.
+      val_every_steps=config_dict.placeholder(int),
+      checkpoint_every_steps=config_dict.placeholder(int),
+      val_episodes=config_dict.placeholder(int),
+      learning_rates=(1e-3,),
+      lr_variants=("faithful", "weights_normalized", "weights_normalized_shot_mean"),
+      # Diagnostics of each row's last checkpoint: reverse steps between trajectory points, and
+      # the episodes and step ranges of the held-out noise error.
+      trajectory_every=10, diagnostic_episodes=200, diagnostic_buckets=10))
   apply_variant(config, RECOMMENDED)
   return config
 
 
-# Presets a config file accepts after the colon: name -> function(config, value).
 def cpu_schedule(config, pretrain_epochs: int, train_steps: int) -> None:
   """The schedule of the configs sized for a 2-core CPU (the embedded datasets, small images).
 
@@ -322,6 +321,15 @@ def cpu_schedule(config, pretrain_epochs: int, train_steps: int) -> None:
                            ema_start_step=500, ema_decay=0.999))
 
 
+def cpu_conv4(dataset: str, arg: str | None, pretrain_epochs: int,
+              train_steps: int) -> ml_collections.ConfigDict:
+  """The locked config of Conv4 on `dataset` sized for a 2-core CPU (`cpu_schedule`), with the
+  presets of `arg` applied: the configs of the embedded datasets."""
+  config = base_config(dataset, "conv4")
+  cpu_schedule(config, pretrain_epochs=pretrain_epochs, train_steps=train_steps)
+  return finalize(config, arg)
+
+
 def _shot(config, value):
   shots = tuple(int(s) for s in str(value).replace("+", " ").split())
   config.train.shots = shots
@@ -332,7 +340,15 @@ def _variant(config, value):
   apply_variant(config, str(value))
 
 
-PRESETS = {"shot": _shot, "variant": _variant}
+def _tiny(config, value):
+  if str(value).lower() in ("1", "true"):
+    apply_tiny(config)
+  elif str(value).lower() not in ("0", "false"):
+    raise ConfigError(f"config preset tiny={value} must be tiny=1 (or 0)")
+
+
+# Presets a config file accepts after the colon: name -> function(config, value).
+PRESETS = {"shot": _shot, "tiny": _tiny, "variant": _variant}
 
 
 def parse_arg(arg: str | None) -> dict[str, str]:
@@ -349,18 +365,19 @@ def parse_arg(arg: str | None) -> dict[str, str]:
 
 def finalize(config: ml_collections.ConfigDict, arg: str | None = None,
              presets: dict | None = None) -> ml_collections.ConfigDict:
-  """Applies the presets named in `arg`, checks the config, and locks it.
+  """Applies the presets named in `arg` and locks the config (`checks.check` checks it).
 
   Args:
     config: from `base_config`, edited by a config file.
-    arg: the text after the colon in `--config=file.py:arg`, e.g. "shot=1".
+    arg: the text after the colon in `--config=file.py:arg`, e.g. "shot=1,tiny=1".
     presets: the presets this config file accepts (default `PRESETS`).
 
   Raises:
-    ConfigError: an unknown preset or a value that cannot work.
+    ConfigError: an unknown preset or a preset value that cannot work.
   """
   presets = PRESETS if presets is None else presets
-  for name, value in parse_arg(arg).items():
+  # tiny first, so that shot= and variant= given beside it still choose those fields.
+  for name, value in sorted(parse_arg(arg).items(), key=lambda item: item[0] != "tiny"):
     if name not in presets:
       raise ConfigError(f"unknown config preset {name!r}; this config accepts: "
                         f"{', '.join(sorted(presets)) or 'none'}")
@@ -370,7 +387,10 @@ def finalize(config: ml_collections.ConfigDict, arg: str | None = None,
 
 
 def check(config) -> None:
-  """Checks values that a locked config cannot (run before any stage; overrides included)."""
+  """Checks what a locked config cannot and needs no model module to know: known stages,
+  finite numbers, positive sizes and rates, allowed names, and values that other sections
+  rule out. `metadiff_jax.checks.check` runs this and the checks of the modules that own the
+  other values, before any stage (overrides included)."""
   unknown = [s for s in stages_of(config) if s not in STAGES + OPTIONAL_STAGES]
   if unknown:
     raise ConfigError(f"unknown stage {unknown[0]!r} in config.stages; choose from "
@@ -409,15 +429,10 @@ def check(config) -> None:
     if config[section][name] not in allowed:
       raise ConfigError(f"config.{field} must be one of {', '.join(allowed)}, got "
                         f"{config[section][name]!r}")
-  k = config.diffusion.num_sampling_steps
-  if k is not None and (int(k) != k or not 1 <= k <= config.diffusion.num_steps):
-    raise ConfigError(f"config.diffusion.num_sampling_steps must be an integer in [1, "
-                      f"num_steps = {config.diffusion.num_steps}] or None, got {k!r}")
   _check_eval_checkpoint(config)
-  _check_device_split(config)
   if config.prototypes.augmented_passes < 0:
     raise ConfigError("config.prototypes.augmented_passes must be >= 0 (0: clean images)")
-  _check_denoiser_variant(config)
+  _check_combinations(config)
   if not 0 <= config.train.ema_decay < 1:
     raise ConfigError(f"config.train.ema_decay must be in [0, 1), got {config.train.ema_decay}")
   if "analysis" in stages_of(config):
@@ -525,39 +540,13 @@ def _check_analysis(config) -> None:
     raise ConfigError("config.analysis.meta_learning_rate must be > 0 and init_std >= 0")
 
 
-def _check_denoiser_variant(config) -> None:
-  """The head, gradient and UNet switches of config.denoiser, and the linear head's fit."""
+def _check_combinations(config) -> None:
+  """Values of one section that another section's rule out, and the linear head's fit."""
   d, p = config.denoiser, config.prototypes
-  if d.head not in heads.HEADS:
-    raise ConfigError(f"config.denoiser.head must be one of {', '.join(heads.HEADS)}, got "
-                      f"{d.head!r}")
-  if d.gradient not in tcunet.GRADIENTS:
-    raise ConfigError(f"config.denoiser.gradient must be one of "
-                      f"{', '.join(tcunet.GRADIENTS)}, got {d.gradient!r}")
-  if d.head == "linear" and d.gradient != "l2":
-    raise ConfigError(f"config.denoiser.gradient = {d.gradient!r} is a prototype-head variant; "
-                      "the linear head is fed its own cross-entropy gradient: set it to 'l2'")
-  if not isinstance(d.unet, bool):
-    raise ConfigError(f"config.denoiser.unet must be True or False, got {d.unet!r}")
-  try:
-    tcunet.check_variant(d.head, d.gradient, tuple(d.inputs), d.prediction)
-  except ValueError as e:
-    raise ConfigError(f"config.denoiser: {e}") from None
-  if not d.unet and d.prediction != "eps":
-    raise ConfigError("config.denoiser.unet = False makes eps the gradient, a noise estimate: "
-                      "set config.denoiser.prediction = 'eps'")
-  diff = config.diffusion
-  if diff.sampler not in diffusion.SAMPLERS:
-    raise ConfigError(f"config.diffusion.sampler must be one of "
-                      f"{', '.join(diffusion.SAMPLERS)}, got {diff.sampler!r}")
-  if diff.feature_rms is not None:
-    if not diff.feature_rms > 0:
-      raise ConfigError(f"config.diffusion.feature_rms must be > 0 or None, got "
-                        f"{diff.feature_rms!r}")
-    if p.augmented_passes:
-      raise ConfigError("config.diffusion.feature_rms rescales the cached clean features, so "
-                        "the targets are their class means: set "
-                        "config.prototypes.augmented_passes = 0")
+  if config.diffusion.feature_rms is not None and p.augmented_passes:
+    raise ConfigError("config.diffusion.feature_rms rescales the cached clean features, so "
+                      "the targets are their class means: set "
+                      "config.prototypes.augmented_passes = 0")
   if not d.unet and "train" in stages_of(config):
     raise ConfigError("config.denoiser.unet = False has no parameters, so there is nothing to "
                       "train; drop 'train' from config.stages, e.g. "
@@ -570,27 +559,8 @@ def _check_denoiser_variant(config) -> None:
     raise ConfigError(f"config.prototypes.linear_fit_l2 must be >= 0, got {p.linear_fit_l2!r}")
 
 
-def _check_device_split(config) -> None:
-  """Batches that the stages to run split over the devices must split evenly."""
-  from metadiff_jax import mesh  # touches the devices: only when a run is checked
-  shards = mesh.num_shards()
-  stages = stages_of(config)
-  for stage, field in (("pretrain", "pretrain.batch_size"),
-                       ("train", "train.episodes_per_step"),
-                       ("analysis", "train.episodes_per_step"),
-                       ("stability", "train.episodes_per_step"),
-                       ("analysis", "analysis.meta_episodes_per_step")):
-    section, name = field.split(".")
-    value = config[section][name]
-    imported = stage == "pretrain" and config.backbone.checkpoint
-    if stage in stages and not imported and value % shards:
-      raise ConfigError(f"config.{field} = {value} does not split over the {shards} devices "
-                        f"of this run; make it a multiple of {shards}")
-
-
 def load_config_file(path: str, arg: str | None = None, what: str = "pipeline config"):
   """`get_config(arg)` of the config file at `path`; a ConfigError if it is missing."""
-  import os  # pylint: disable=g-import-not-at-top
   if not os.path.exists(path):
     raise ConfigError(f"no {what} {path} for this dataset and backbone; choose a backbone that "
                       "configs/ has a file for")
@@ -602,11 +572,6 @@ def read_config_file(path: str, arg: str | None = None, pass_arg: bool = False):
   `pass_arg`), as `--config=PATH[:ARG]` reads it; a ConfigError in one line if the file is
   missing, does not import, defines no get_config, or get_config fails or returns no config.
   """
-  import importlib.machinery  # pylint: disable=g-import-not-at-top
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  import inspect  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
   if not path:
     raise ConfigError("no config file given; pass one, e.g. --config=configs/glyphs_conv4.py")
   if not os.path.isfile(path):
@@ -655,8 +620,6 @@ def read_config_file(path: str, arg: str | None = None, pass_arg: bool = False):
 
 def _missing_config_message(path: str) -> str:
   """Says a config file does not exist, from where, and the nearest name that does."""
-  import difflib  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
   where = "" if os.path.isabs(path) else f" (relative to {os.getcwd()})"
   if os.path.isdir(path):
     return f"config file {path} is a directory; give a .py file in it, e.g. {path}/<name>.py"
@@ -675,8 +638,6 @@ def _missing_config_message(path: str) -> str:
 
 def _where(error: BaseException, path: str) -> str:
   """`Type: message (line N)`, N the deepest line of the file at `path` in the traceback."""
-  import os  # pylint: disable=g-import-not-at-top
-  import traceback  # pylint: disable=g-import-not-at-top
   lines = [f.lineno for f in traceback.extract_tb(error.__traceback__)
            if os.path.abspath(f.filename) == os.path.abspath(path)]
   text = f"{type(error).__name__}: {error}"
@@ -686,7 +647,6 @@ def _where(error: BaseException, path: str) -> str:
 def check_override(config, field: str, source: str) -> None:
   """Raises a ConfigError naming `field` (`train.steps`) and the nearest existing field where
   the config has no such field; `source` (the config file) is named in the message."""
-  import difflib  # pylint: disable=g-import-not-at-top
   parts = field.split(".")
   node = config
   for i, part in enumerate(parts):
@@ -748,7 +708,6 @@ def dataset_pipeline_config(arg: str | None, datasets: dict, config_dir: str,
   Returns:
     (config, dataset preset, {own preset: value}).
   """
-  import os  # pylint: disable=g-import-not-at-top
   presets = parse_arg(arg)
   dataset = presets.pop("dataset", "glyphs")
   if dataset not in datasets:
@@ -805,8 +764,6 @@ def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
   Raises:
     ConfigError: if the workdir has none (no run was started there) or it cannot be read.
   """
-  import json  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
   path = os.path.join(os.path.abspath(os.path.expanduser(workdir)), WORKDIR_CONFIG)
   if not os.path.exists(path):
     raise ConfigError(f"no {WORKDIR_CONFIG} in {os.path.dirname(path)}: it is not the workdir "

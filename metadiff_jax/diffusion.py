@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 
 from metadiff_jax import prototypes, tcunet
+from metadiff_jax.errors import ConfigError
 from metadiff_jax.schedule import Schedule
 
 # How often each compiled entry point has been traced, so that tests can assert that it
@@ -138,6 +139,17 @@ def loss(model, variables, sched: Schedule, w0, support, support_labels, key):
 
 
 SAMPLERS = ("original", "ddpm", "ddim")
+
+
+def check_config(diffusion) -> None:
+  """Raises a ConfigError where a config's `diffusion` section names an unknown sampler or
+  rescales the features to a root-mean-square that is not positive."""
+  if diffusion.sampler not in SAMPLERS:
+    raise ConfigError(f"config.diffusion.sampler must be one of {', '.join(SAMPLERS)}, got "
+                      f"{diffusion.sampler!r}")
+  if diffusion.feature_rms is not None and not diffusion.feature_rms > 0:
+    raise ConfigError(f"config.diffusion.feature_rms must be > 0 or None, got "
+                      f"{diffusion.feature_rms!r}")
 
 
 def sample(model, variables, sched: Schedule, w_T, support, support_labels, *,

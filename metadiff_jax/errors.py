@@ -53,8 +53,11 @@ def report(error: BaseException | str) -> int:
   Progress bars still open (a stage stopped mid-loop) are closed first and their line ended,
   and stdout and the log are flushed, so that nothing shares the error's line or follows it.
   """
-  from metadiff_jax import metrics  # pylint: disable=g-import-not-at-top  (keeps imports light)
-  metrics.close_progress_bars()
+  # Bars exist only where `metrics` was imported; errors itself stays free of it (the core
+  # modules import errors, and the benchmarks keep their imports light).
+  metrics = sys.modules.get("metadiff_jax.metrics")
+  if metrics is not None:
+    metrics.close_progress_bars()
   for handler in logging.getLogger().handlers:
     handler.flush()
   sys.stdout.flush()

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from metadiff_jax import prototypes
+from metadiff_jax.errors import ConfigError
 
 HEADS = ("prototype", "linear")
 COSINE_SCALE = 10.0  # the original code's query classifier: 10 x cosine
@@ -31,6 +32,13 @@ COSINE_SCALE = 10.0  # the original code's query classifier: 10 x cosine
 def check_head(head: str) -> None:
   if head not in HEADS:
     raise ValueError(f"unknown head {head!r}: use one of {HEADS}")
+
+
+def check_config(denoiser) -> None:
+  """Raises a ConfigError where a config's `denoiser` section names an unknown head."""
+  if denoiser.head not in HEADS:
+    raise ConfigError(f"config.denoiser.head must be one of {', '.join(HEADS)}, got "
+                      f"{denoiser.head!r}")
 
 
 def weight_dim(head: str, feature_dim: int) -> int:

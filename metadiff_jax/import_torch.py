@@ -61,8 +61,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from metadiff_jax import backbones, config_lib, errors, mesh, schedule, torch_import, train_state
+from metadiff_jax import (backbones, config_lib, embedding, errors, mesh, method, pretraining,
+                          pytorch_weights, schedule, train_state)
 from metadiff_jax import checkpoint as checkpoint_lib
+from metadiff_jax import workdir as workdir_lib
 from metadiff_jax.data import augment
 from metadiff_jax.errors import UserError
 
@@ -216,9 +218,9 @@ def import_checkpoint(workdir, checkpoint: Optional[str] = None, head: Optional[
     if chosen.note:
       summary["notes"].append(chosen.note)
     shape, num_base, num_images, shape_source = _data_shape(config, image_shape, base_classes)
-    module = _backbone_module(config)
+    module = embedding.backbone(config)
     try:
-      torch_import.check_backbone_fits(
+      pytorch_weights.check_backbone_fits(
           module, shape, variables, f"the backbone in {backbone_path}",
           f"its input must be the dataset's {'x'.join(map(str, shape))} images")
     except ValueError as e:
@@ -240,9 +242,9 @@ def import_checkpoint(workdir, checkpoint: Optional[str] = None, head: Optional[
           "import into the workdir that holds the backbone")
     variables, meta = existing["backbone"]
     shape = meta.get("image_shape") or _data_shape(config, image_shape, base_classes)[0]
-    module = _backbone_module(config)
+    module = embedding.backbone(config)
     try:
-      torch_import.check_backbone_fits(
+      pytorch_weights.check_backbone_fits(
           module, shape, variables, f"the backbone in {workdir}/pretrain/best",
           "the config does not describe it; import with the --config it was written with")
     except ValueError as e:
@@ -259,7 +261,7 @@ def import_checkpoint(workdir, checkpoint: Optional[str] = None, head: Optional[
   trained = sorted(existing["heads"])
   if head_path:
     params = _head_params(contents[head_path], head_path, use_ema, config)
-    sizes = torch_import.tcunet_config_from_params(params)
+    sizes = pytorch_weights.tcunet_config_from_params(params)
     config_lib.apply_variant(config, "faithful")
     config.denoiser.head = "prototype"
     config.denoiser.gradient = "l2"
@@ -290,12 +292,10 @@ def import_checkpoint(workdir, checkpoint: Optional[str] = None, head: Optional[
   summary["stages"] = list(config.stages)
 
   # ---------------------------------------------------------------- writing (all checks passed)
-  from metadiff_jax.stages import common  # pylint: disable=g-import-not-at-top
-  common.prepare_workdir(workdir)
+  workdir_lib.prepare_workdir(workdir)
   if backbone_path and existing["backbone"] is None:
-    from metadiff_jax.stages import pretrain  # pylint: disable=g-import-not-at-top
-    state = pretrain.initial_state(config, shape, num_images, num_base)
-    state = mesh.replicate(pretrain.with_backbone(state, variables))
+    state = pretraining.initial_state(config, shape, num_images, num_base)
+    state = mesh.replicate(pretraining.with_backbone(state, variables))
     directory = os.path.join(workdir, "pretrain", "best")
     with checkpoint_lib.Checkpoints(directory, max_to_keep=1) as store:
       store.save(1, state, {"imported_from": backbone_path, "done": True,
@@ -309,7 +309,7 @@ def import_checkpoint(workdir, checkpoint: Optional[str] = None, head: Optional[
       store.save(1, state, {"imported_from": head_path, "use_ema": bool(use_ema)})
     summary["written"].append(directory)
   path = os.path.join(workdir, config_lib.WORKDIR_CONFIG)
-  common.write_json(path, config.to_dict())
+  workdir_lib.write_json(path, config.to_dict())
   summary["written"].append(path)
   summary["commands"] = commands(workdir)
   return summary
@@ -331,7 +331,7 @@ def commands(workdir: str) -> dict:
 def _read(path: str, trusted: bool):
   """A checkpoint file's contents, or a one-line error."""
   try:
-    return torch_import.read_checkpoint(path, trusted=trusted)
+    return pytorch_weights.read_checkpoint(path, trusted=trusted)
   except FileNotFoundError:
     raise ImportCheckpointError(f"no file {path}; check the path") from None
   except ImportError as e:
@@ -343,9 +343,9 @@ def _read(path: str, trusted: bool):
 def _backbone_variables(contents, path: str, arch: Arch):
   """(variables, widths) of the ResNet12 in a file's contents, checked against `arch`."""
   try:
-    state_dict = torch_import.backbone_state_dict(contents, path)
-    indexed = torch_import.has_block_index(state_dict)
-    variables = torch_import.resnet12_variables_from_torch(state_dict)
+    state_dict = pytorch_weights.backbone_state_dict(contents, path)
+    indexed = pytorch_weights.has_block_index(state_dict)
+    variables = pytorch_weights.resnet12_variables_from_torch(state_dict)
   except (KeyError, ValueError) as e:
     raise ImportCheckpointError(f"cannot import the backbone in {path}: "
                                 f"{e.args[0] if e.args else e}") from None
@@ -367,8 +367,8 @@ def _backbone_variables(contents, path: str, arch: Arch):
 def _head_params(contents, path: str, use_ema: bool, config):
   """The TCUNet params of the head in a file's contents (schedule buffers checked)."""
   try:
-    state_dict = torch_import.head_state_dict(contents, path)
-    return torch_import.tcunet_params_from_torch(state_dict, use_ema=use_ema,
+    state_dict = pytorch_weights.head_state_dict(contents, path)
+    return pytorch_weights.tcunet_params_from_torch(state_dict, use_ema=use_ema,
                                                  schedule=schedule.from_config(config))
   except (KeyError, ValueError) as e:
     msg = e.args[0] if e.args else str(e)
@@ -434,30 +434,25 @@ def _data_shape(config, image_shape, base_classes):
       raise ImportCheckpointError(f"--image_size must be H,W,C and --base_classes >= 1, got "
                                   f"{image_shape!r} and {base_classes!r}")
     return shape, int(base_classes), int(base_classes), "given"
+  # tensorflow-datasets: imported only where a dataset is read
   from metadiff_jax.data import load, spec  # pylint: disable=g-import-not-at-top
-  from metadiff_jax.stages import common, pretrain  # pylint: disable=g-import-not-at-top
   try:
-    load.dataset_dir(common.dataset_ref(config))
+    load.dataset_dir(embedding.dataset_ref(config))
   except UserError:
     pass
   else:
-    shape, num_images = pretrain._base_split_shape(config)  # pylint: disable=protected-access
-    return tuple(shape), common.num_classes(config, "train"), num_images, "the built dataset"
+    shape, num_images = pretraining.base_split_shape(config)
+    return tuple(shape), embedding.num_classes(config, "train"), num_images, "the built dataset"
   try:
     standard = spec.standard_spec(config.data.name)
   except ValueError:
     raise ImportCheckpointError(
         f"the dataset {config.data.name!r} is not built, so the backbone's input size and the "
-        f"base-class count are unknown: build it ({common.dataset_ref(config).build_command()}"
+        f"base-class count are unknown: build it ({embedding.dataset_ref(config).build_command()}"
         "), or give --image_size H,W,C --base_classes N") from None
   num_base = standard.num_classes("train")
   return standard.image_shape, num_base, num_base * (standard.images_per_class or 1), \
       f"the standard {config.data.name} spec"
-
-
-def _backbone_module(config):
-  from metadiff_jax.stages import common  # pylint: disable=g-import-not-at-top
-  return common.backbone(config)
 
 
 def _check_kept(existing: dict, config, workdir: str) -> None:
@@ -490,9 +485,8 @@ def _check_kept(existing: dict, config, workdir: str) -> None:
 
 
 def _head_template(config, feature_dim: int, shots: int):
-  """The params shapes of the configured K-shot denoiser, as `train.initial_state` inits it."""
-  from metadiff_jax.stages import train  # pylint: disable=g-import-not-at-top
-  model = train.denoiser(config, feature_dim)
+  """The params shapes of the configured K-shot denoiser, as `method.MetaDiff.init` inits it."""
+  model = method.denoiser(config, feature_dim)
   ways = config.train.ways
   return jax.eval_shape(lambda: model.init(
       jax.random.key(0), jnp.zeros((ways, model.feature_dim)), 0,
@@ -500,10 +494,9 @@ def _head_template(config, feature_dim: int, shots: int):
 
 
 def _head_state(config, feature_dim: int, params):
-  """The `DiffusionState` of `train.initial_state` with `params` as its params and EMA params
-  (built here without the eager init that `train.initial_state` would run)."""
-  from metadiff_jax.stages import train  # pylint: disable=g-import-not-at-top
-  model = train.denoiser(config, feature_dim)
+  """The `DiffusionState` of `method.MetaDiff.init` with `params` as its params and EMA params
+  (built here without the eager init that `init` would run)."""
+  model = method.denoiser(config, feature_dim)
   params = jax.tree.map(jnp.asarray, params)
   t = config.train
   return train_state.DiffusionState.create(
@@ -514,7 +507,7 @@ def _head_state(config, feature_dim: int, params):
 
 def _check_head_fits(template, params, path: str, feature_dim: int, backbone_from: str):
   """The first layer of the head (in PyTorch names) whose shape the backbone does not fit."""
-  names = {flax: name for name, flax in torch_import.LAYER_NAMES}
+  names = {flax: name for name, flax in pytorch_weights.LAYER_NAMES}
   order = ["proto_inf1", "proto_inf5", *(f for f in names if f not in ("proto_inf1",
                                                                         "proto_inf5"))]
   for layer in order:
@@ -542,13 +535,12 @@ def _existing(workdir: str) -> dict:
       out["config"] = config_lib.load_workdir_config(workdir)
     except UserError:
       out["config"] = None
-  from metadiff_jax.stages import pretrain, train  # pylint: disable=g-import-not-at-top
   saved = checkpoint_lib.read_latest(os.path.join(workdir, "pretrain", "best"))
   if saved is not None:
     state, meta = saved
-    out["backbone"] = (pretrain.backbone_variables(state), meta)
-  for k in train.shots_in(workdir):
-    saved = checkpoint_lib.read_latest(os.path.join(train.run_dir(workdir, k), "best"))
+    out["backbone"] = (pretraining.backbone_variables(state), meta)
+  for k in workdir_lib.shots_in(workdir):
+    saved = checkpoint_lib.read_latest(os.path.join(workdir_lib.train_dir(workdir, k), "best"))
     if saved is not None:
       out["heads"][k] = saved[0]["ema_params"]
   return out

@@ -24,7 +24,7 @@ import logging as pylogging
 
 from absl import app, flags, logging
 
-from metadiff_jax import config_flag, errors
+from metadiff_jax import config_flag, errors, mesh, stages
 from metadiff_jax.errors import UserError
 
 
@@ -50,7 +50,6 @@ class _QuietLibraries(pylogging.Filter):
 def main(argv) -> None:
   del argv  # _parse_flags leaves none
   logging.get_absl_handler().addFilter(_QuietLibraries())
-  from metadiff_jax import mesh, stages  # after flag parsing: keeps --help fast
   try:
     mesh.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   except ValueError as e:

@@ -29,6 +29,8 @@ import weakref
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import numpy as np
+
 _RESERVED = ("step", "time")
 
 # The Progress bars not closed yet; weak, so that a bar dropped without close() goes too.
@@ -306,6 +308,14 @@ def close_progress_bars() -> None:
   for bar in list(instances or ()):
     bar.leave = True
     bar.close()
+
+
+def summarize(values: np.ndarray) -> dict[str, float]:
+  """mean, the 95% half-width 1.96 std / sqrt(n) (population std), and n."""
+  values = np.asarray(values, np.float64)
+  n = len(values)
+  return {"mean": float(values.mean()), "ci95": float(1.96 * values.std() / np.sqrt(n)),
+          "n": n}
 
 
 def _is_terminal(stream) -> bool:

@@ -49,8 +49,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from metadiff_jax import backbones, checkpoint, config_lib, diffusion, heads, prototypes, torch_import
-from metadiff_jax import errors
+from metadiff_jax import (backbones, checkpoint, config_lib, embedding, errors, heads, method,
+                          pretraining, prototypes, pytorch_weights, rng)
+from metadiff_jax import workdir as workdir_lib
+from metadiff_jax.data import episodes
 from metadiff_jax.errors import StageError, UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
@@ -323,23 +325,22 @@ class Predictor:
       ConfigError: the workdir has no config.json.
       StageError: there is no backbone, or it does not fit the config.
     """
-    from metadiff_jax.stages import common  # pylint: disable=g-import-not-at-top
     self.workdir = os.path.abspath(os.path.expanduser(os.fspath(workdir)))
     self.config = config_lib.load_workdir_config(self.workdir)
-    self.module = common.backbone(self.config)
+    self.module = embedding.backbone(self.config)
     self.variables, self.image_shape = _load_backbone(self.config, self.workdir, self.module)
-    self._embed = common.embed_fn(self.module, common.augment_config(self.config))
+    self._embed = embedding.embed_fn(self.module, embedding.augment_config(self.config))
     self._denoisers = {}
 
   @property
   def trained_shots(self) -> tuple[int, ...]:
     """The shot settings K with a trained denoiser in WORKDIR/train_<K>shot/best."""
-    from metadiff_jax.stages import train  # pylint: disable=g-import-not-at-top
     if not self.config.denoiser.unet:  # w/o UNet: nothing to train, any K
       return tuple(int(k) for k in self.config.train.shots)
     found = []
-    for k in sorted({int(k) for k in (*self.config.train.shots, *train.shots_in(self.workdir))}):
-      best = os.path.join(train.run_dir(self.workdir, k), "best")
+    shots = {int(k) for k in (*self.config.train.shots, *workdir_lib.shots_in(self.workdir))}
+    for k in sorted(shots):
+      best = os.path.join(workdir_lib.train_dir(self.workdir, k), "best")
       if os.path.isdir(best):
         with checkpoint.Checkpoints(best, max_to_keep=1) as store:
           if store.latest_step() is not None:
@@ -348,7 +349,6 @@ class Predictor:
 
   def embed(self, images: np.ndarray) -> np.ndarray:
     """[n, D] features (as the diffusion sees them) of uint8 images [n, H, W, C]."""
-    from metadiff_jax.stages import common  # pylint: disable=g-import-not-at-top
     batch = int(self.config.pretrain.embed_batch_size)
     n = len(images)
     size = min(batch, n)
@@ -363,15 +363,19 @@ class Predictor:
     if not np.all(np.isfinite(features)):
       raise PredictError("the backbone gave NaN or infinite features for these images; check "
                          "the workdir's backbone (rerun its pretrain stage)")
-    return common.rescale_features(features, self.config.diffusion.feature_rms)
+    return embedding.rescale_features(features, self.config.diffusion.feature_rms)
 
   def denoiser(self, shots: int):
     """(TCUNet, its EMA params) of the K-shot setting."""
+    metadiff, params = self._method(shots)
+    return metadiff.model, params
+
+  def _method(self, shots: int):
+    """(`method.MetaDiff`, its EMA params) of the K-shot setting, read once."""
     if shots not in self._denoisers:
-      from metadiff_jax.stages import evaluate  # pylint: disable=g-import-not-at-top
-      model, state, _, _ = evaluate.load_denoiser(self.config, self.workdir, shots,
-                                                  self._feature_dim())
-      self._denoisers[shots] = (model, state.ema_params)
+      metadiff, state, _, _ = workdir_lib.load_denoiser(self.config, self.workdir, shots,
+                                                        self._feature_dim())
+      self._denoisers[shots] = (metadiff, state.ema_params)
     return self._denoisers[shots]
 
   def choose_shots(self, per_class: Sequence[int]) -> int:
@@ -411,16 +415,17 @@ class Predictor:
     ways = len(classes)
     per_class = np.bincount(labels, minlength=ways)
     if method == "prototypes":
-      w0, head, used_shots = prototypes.class_means(support_features, labels, ways), "prototype", None
+      w0 = prototypes.class_means(support_features, labels, ways)
+      head, used_shots = "prototype", None
     else:
       used_shots = int(shots) if shots is not None else self.choose_shots(per_class)
       if len(set(per_class.tolist())) > 1:
         logging.warning("predict: the classes have %s support images; the %d-shot denoiser was "
                         "trained on classes of equal size", sorted(set(per_class.tolist())),
                         used_shots)
-      model, params = self.denoiser(used_shots)
-      head = getattr(model, "head", "prototype")
-      w0 = self._sample(model, params, support_features, labels, ways, seed)
+      metadiff, params = self._method(used_shots)
+      head = metadiff.model.head
+      w0 = self._sample(metadiff, params, support_features, labels, ways, seed)
     logits = heads.logits(head, jnp.asarray(w0), jnp.asarray(query_features))
     probabilities = np.asarray(jax.nn.softmax(logits, axis=-1), np.float64)
     if not np.all(np.isfinite(probabilities)):
@@ -433,20 +438,14 @@ class Predictor:
                       true=tuple(true) if true is not None else None, shots=used_shots,
                       method=method, resized=resized, query_names=tuple(shown))
 
-  def _sample(self, model, params, support_features, labels, ways, seed):
+  def _sample(self, metadiff, params, support_features, labels, ways, seed):
     """[N, dim] the denoised weights of one episode (the config's sampler and schedule)."""
-    from metadiff_jax import schedule  # pylint: disable=g-import-not-at-top
-    from metadiff_jax.stages import common, evaluate  # pylint: disable=g-import-not-at-top
-    config = self.config
-    key = common.key(config if seed is None else _with_seed(config, seed), "predict")
-    dim = heads.weight_dim(getattr(model, "head", "prototype"), support_features.shape[-1])
+    key = rng.seed_key(self.config.seed if seed is None else int(seed), "predict")
+    dim = heads.weight_dim(metadiff.model.head, support_features.shape[-1])
     w_T = jax.random.normal(jax.random.fold_in(key, 0), (1, ways, dim))
-    options = evaluate.sampler_options(config)
-    w0 = diffusion.sample_batch(
-        model, {"params": params}, schedule.for_sampling(config), w_T,
-        jnp.asarray(support_features)[None], jnp.asarray(labels)[None],
-        dtype=options["dtype"], precision=options["precision"], sampler=options["update"],
-        noise_keys=evaluate.episode_noise_keys(key, jnp.zeros(1, jnp.int32)))
+    w0 = metadiff.sample({"params": params}, w_T, jnp.asarray(support_features)[None],
+                         jnp.asarray(labels)[None],
+                         noise_keys=method.episode_noise_keys(key, jnp.zeros(1, jnp.int32)))
     return np.asarray(w0[0])
 
   def _feature_dim(self) -> int:
@@ -491,32 +490,25 @@ def _load_backbone(config, workdir: str, module):
                      "(python -m metadiff_jax.main) or import one (python -m "
                      "metadiff_jax.import_torch)")
   saved, meta = latest
-  from metadiff_jax.stages import pretrain  # pylint: disable=g-import-not-at-top
   image_shape = meta.get("image_shape")
   if image_shape is None:  # a workdir of an earlier version: the dataset knows
     try:
-      image_shape = list(pretrain._base_split_shape(config)[0])  # pylint: disable=protected-access
+      image_shape = list(pretraining.base_split_shape(config)[0])
     except UserError:
       raise StageError(f"{directory} does not record the backbone's input size and the dataset "
                        f"{config.data.name!r} is not built to tell it; build the dataset or "
                        "rerun the pretrain stage") from None
   image_shape = tuple(int(d) for d in image_shape)
-  variables = pretrain.backbone_variables(saved)
+  variables = pretraining.backbone_variables(saved)
   try:
-    torch_import.check_backbone_fits(module, image_shape, variables,
-                                     f"the backbone in {directory}",
-                                     "its config.json was changed since; restore it or rerun the "
-                                     "pretrain stage")
+    pytorch_weights.check_backbone_fits(module, image_shape, variables,
+                                        f"the backbone in {directory}",
+                                        "its config.json was changed since; restore it or rerun "
+                                        "the pretrain stage")
   except ValueError as e:
     raise StageError(str(e)) from None
   variables = jax.tree.map(jnp.asarray, variables)
   return variables, image_shape
-
-
-def _with_seed(config, seed: int):
-  config = config.copy_and_resolve_references()
-  config.seed = int(seed)
-  return config
 
 
 # ----------------------------------------------------------------------------- an example
@@ -532,13 +524,11 @@ def export_example(workdir, out, ways: int = 5, shots: int = 5, queries: int = 5
   Returns:
     (support folder, query folder).
   """
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  from metadiff_jax.data import episodes  # pylint: disable=g-import-not-at-top
-  from metadiff_jax.data import load  # pylint: disable=g-import-not-at-top
-  from metadiff_jax.stages import common  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top  (only where images are written)
+  from metadiff_jax.data import load  # pylint: disable=g-import-not-at-top  (tensorflow-datasets)
   config = config_lib.load_workdir_config(workdir)
-  data = common.load_split(config, split)
-  names = load.class_names(common.dataset_ref(config), split)
+  data = embedding.load_split(config, split)
+  names = load.class_names(embedding.dataset_ref(config), split)
   sampler = episodes.EpisodeSampler(data.labels, ways, shots, queries, seed, split)
   episode = sampler.batch(0, 1)
   out = os.path.abspath(os.path.expanduser(os.fspath(out)))

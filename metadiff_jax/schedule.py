@@ -22,6 +22,8 @@ from typing import NamedTuple
 import jax.numpy as jnp
 import numpy as np
 
+from metadiff_jax.errors import ConfigError
+
 
 class Schedule(NamedTuple):
   """Per-step coefficients of the forward noising and the reverse step, each [T] float32.
@@ -133,6 +135,15 @@ def for_sampling(config) -> Schedule:
   if tau.size == betas.size:
     return from_betas(betas)
   return from_betas(_respaced_betas(np.cumprod(1.0 - betas), tau), timesteps=tau)
+
+
+def check_config(diffusion) -> None:
+  """Raises a ConfigError where a config's `diffusion` section respaces the sampler to a
+  number of steps outside [1, num_steps]."""
+  k = diffusion.num_sampling_steps
+  if k is not None and (int(k) != k or not 1 <= k <= diffusion.num_steps):
+    raise ConfigError(f"config.diffusion.num_sampling_steps must be an integer in [1, "
+                      f"num_steps = {diffusion.num_steps}] or None, got {k!r}")
 
 
 def space_timesteps(num_steps: int, num_sampling_steps) -> np.ndarray:

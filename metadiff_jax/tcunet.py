@@ -20,7 +20,7 @@ sampler can compute them for all its steps at once, before its loop (`diffusion.
 Widths: D -> h1 -> h2 -> h2 -> h1 -> D with (h1, h2) = (D/2, D/4) by default. Parameters map
 one-to-one onto the original's PyTorch names: `time_scale.0` -> `time_scale_0`,
 `time_scale.2` -> `time_scale_2`, `time_embB` -> `time_embB`, `proto_infB` -> `proto_infB`
-(B = 1..5), each a Dense with kernel = weight.T (see `torch_import`).
+(B = 1..5), each a Dense with kernel = weight.T (see `pytorch_weights`).
 
 Variants (the paper's Tables 3 and 4), chosen by the module's attributes; the default is the
 network above, unchanged:
@@ -63,6 +63,7 @@ import jax
 import jax.numpy as jnp
 
 from metadiff_jax import heads, prototypes
+from metadiff_jax.errors import ConfigError
 
 GRADIENTS = ("l2", "cosine_ce")
 INPUTS = ("gradient", "weights", "means")
@@ -112,6 +113,31 @@ def check_variant(head: str, gradient: str, inputs=("gradient",), prediction="ep
                      "the linear head can add 'weights' only")
   if prediction not in PREDICTIONS:
     raise ValueError(f"unknown prediction {prediction!r}: use one of {PREDICTIONS}")
+
+
+def check_config(denoiser) -> None:
+  """Checks a config's `denoiser` section: its gradient, UNet switch, inputs and prediction
+  (`check_variant`), with the head that `heads.check_config` checks.
+
+  Raises:
+    ConfigError: a value the TCUNet does not know, or a combination that cannot work.
+  """
+  d = denoiser
+  if d.gradient not in GRADIENTS:
+    raise ConfigError(f"config.denoiser.gradient must be one of {', '.join(GRADIENTS)}, got "
+                      f"{d.gradient!r}")
+  if d.head == "linear" and d.gradient != "l2":
+    raise ConfigError(f"config.denoiser.gradient = {d.gradient!r} is a prototype-head variant; "
+                      "the linear head is fed its own cross-entropy gradient: set it to 'l2'")
+  if not isinstance(d.unet, bool):
+    raise ConfigError(f"config.denoiser.unet must be True or False, got {d.unet!r}")
+  try:
+    check_variant(d.head, d.gradient, tuple(d.inputs), d.prediction)
+  except ValueError as e:
+    raise ConfigError(f"config.denoiser: {e}") from None
+  if not d.unet and d.prediction != "eps":
+    raise ConfigError("config.denoiser.unet = False makes eps the gradient, a noise estimate: "
+                      "set config.denoiser.prediction = 'eps'")
 
 
 def support_means(head: str, gradient: str, cond, num_classes: int):

@@ -1,7 +1,23 @@
-"""The workdir's guards, checked before the first stage runs (docs/WORKDIR.md).
+"""The workdir: its layout, the readers of what the stages wrote, and the guards of a run.
 
-Three things can go wrong between a config and a workdir before any work is done, and each is
-caught here, in one line, with nothing written:
+A workdir holds one run (docs/WORKDIR.md):
+
+    WORKDIR/config.json            the config that made the outputs
+    WORKDIR/pretrain/              backbone pretraining: checkpoints/, best/, metrics, curves.png
+    WORKDIR/features/              the feature cache (one .npz per split and backbone)
+    WORKDIR/prototypes/            targets.npz: the diffusion targets w0 of the base classes
+    WORKDIR/train_<K>shot/         diffusion training for K shots: checkpoints/, best/, ...
+    WORKDIR/eval/                  per-shot results
+    WORKDIR/results.json, results.md   the accuracy table of the eval stage
+
+The layout (`stage_dir`, `train_dir`, `targets_path`, `shots_in`) and the writers every stage
+uses (`prepare_workdir`, `write_json`, `cached_result`) come first; then the readers of what
+earlier stages wrote (`pretrained_backbone`, `pretrained_features`, `load_targets`,
+`diffusion_targets`, `kept_steps`, `load_denoiser`), each raising a `StageError` that names
+the stage to run when it is missing.
+
+The guards: three things can go wrong between a config and a workdir before any work is done,
+and each is caught here, in one line, with nothing written:
 
 1. The record (`record_conflicts`, `check_record`): WORKDIR/config.json says how the outputs
    already in the workdir were made. A config that differs from it in a field that affects a
@@ -36,14 +52,18 @@ import logging
 import os
 import socket
 
+import jax
+from jax.experimental import multihost_utils
 import numpy as np
 
-from metadiff_jax import config_lib, mesh
+from metadiff_jax import checkpoint, config_lib, embedding, mesh, method, pretraining
 from metadiff_jax.data import episodes as episodes_lib
+from metadiff_jax.data import features
 from metadiff_jax.data.errors import DataError
 from metadiff_jax.errors import ConfigError, StageError, UserError
 
 LOCK_FILE = ".lock"
+TARGETS_FILE = "targets.npz"
 
 # The stages in the order they build on each other: a field of one stage changes the outputs
 # of that stage and of every stage after it in its chain (`_DOWNSTREAM`).
@@ -67,14 +87,14 @@ NO_EFFECT = frozenset({
     "train.log_every_steps", "train.checkpoint_every_steps", "eval.batch_episodes",
     "analysis.batch_episodes", "analysis.log_every_steps",
 })
-# Sampling settings: the eval stage's results are keyed on them (evaluate._sampler_settings),
+# Sampling settings: the eval stage's results are keyed on them (`method.sampler_settings`),
 # so a change re-evaluates the trained denoiser. The train stage's validation sampled with the
 # values it ran with (its metrics.jsonl); config.json then holds the eval stage's.
 _SAMPLER_FIELDS = ("diffusion.num_sampling_steps", "diffusion.sampler_dtype",
                    "diffusion.sampler_precision", "diffusion.sampler")
 # Fields a stage continues with when they are raised: it resumes from its checkpoint and
-# trains on, as an uninterrupted run with the larger value would have (the README's "run
-# again with more steps").
+# trains on, as an uninterrupted run with the larger value would have (docs/WORKDIR.md,
+# "More steps").
 CONTINUED = {"pretrain.epochs": "pretrain", "train.steps": "train"}
 # Stages that key their results on their own settings and recompute them when those change
 # (the eval stage's per-shot results; the analysis and stability rows, `cached_result`).
@@ -100,6 +120,70 @@ def home_stage(field: str) -> str | None:
           "pretrain": "pretrain", "prototypes": "prototypes", "diffusion": "train",
           "denoiser": "train", "train": "train", "eval": "eval", "analysis": "analysis",
           "stability": "stability"}.get(section, "pretrain")
+
+
+# ----------------------------------------------------------------------------- the layout
+
+def stage_dir(workdir: str, name: str) -> str:
+  return os.path.join(os.path.expanduser(workdir), name)
+
+
+def train_dir(workdir: str, shots: int) -> str:
+  """WORKDIR/train_<K>shot: the K-shot denoiser's checkpoints, best/, metrics and curves."""
+  return stage_dir(workdir, f"train_{shots}shot")
+
+
+def shots_in(workdir: str) -> list[int]:
+  """K of every train_<K>shot folder in the workdir, sorted (none if it does not exist)."""
+  directory = os.path.expanduser(workdir)
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(name[6:-4]) for name in os.listdir(directory)
+                if name.startswith("train_") and name.endswith("shot") and name[6:-4].isdigit())
+
+
+def prepare_workdir(workdir: str) -> str:
+  """Creates the workdir and checks that it can be written; returns its absolute path."""
+  path = os.path.abspath(os.path.expanduser(workdir))
+  try:
+    os.makedirs(path, exist_ok=True)
+    probe = os.path.join(path, f".write_test.{os.getpid()}")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise StageError(f"cannot write to workdir {path} ({e.strerror or e}); choose a writable "
+                     "--workdir") from None
+  return path
+
+
+def write_json(path: str, obj) -> None:
+  """Writes JSON atomically (a killed run leaves the previous file, not half of a new one)."""
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True, default=json_default)
+  os.replace(tmp, path)
+
+
+def cached_result(path: str, settings: dict, compute, what: str) -> dict:
+  """The result JSON at `path` if it was written with these `settings`, else
+  {"settings": settings, **compute()}, written there (by the writer process).
+
+  `settings` are compared as JSON would store them (tuples as lists), so a result written
+  by an earlier run is found again. `what` names it in the log line of a reuse.
+  """
+  settings = json.loads(json.dumps(settings, default=json_default))
+  if os.path.exists(path):
+    with open(path) as f:
+      previous = json.load(f)
+    if previous.get("settings") == settings:
+      logging.info("%s: result already in %s; skipping", what, path)
+      return previous
+  result = {"settings": settings, **compute()}
+  if mesh.is_writer():
+    write_json(path, result)
+  return result
 
 
 # ----------------------------------------------------------------------------- the record
@@ -378,17 +462,16 @@ def check_episodes(config) -> None:
   """Checks every episode setting of the configured stages against the dataset.
 
   Class counts come from the dataset's metadata; per-class image counts from the split's
-  labels (the stages read the same splits, from the same in-process cache).
+  labels, read without decoding its images (`load.split_labels`).
 
   Raises:
     DataError: naming the setting, the split and the fix.
   """
   from metadiff_jax.data import load  # pylint: disable=g-import-not-at-top  (tensorflow-datasets)
-  from metadiff_jax.stages import common  # pylint: disable=g-import-not-at-top
   settings = episode_settings(config)
   if not settings:
     return
-  ref = common.dataset_ref(config)
+  ref = embedding.dataset_ref(config)
   dataset = config.data.name if not config.data.builder_config else \
       f"{config.data.name} ({config.data.builder_config})"
   names = {}
@@ -402,7 +485,7 @@ def check_episodes(config) -> None:
   counts = {}
   for what, split, ways_field, ways, shots_field, shots, queries_field, queries in settings:
     if split not in counts:
-      labels = common.load_split(config, split).labels
+      labels = load.split_labels(ref, split)
       counts[split] = np.bincount(labels, minlength=len(names[split]))
     table = episodes_lib.ClassTable(members=None, counts=counts[split])
     try:
@@ -460,8 +543,170 @@ def guard(config, root: str):
 
 def _verdict(ok: bool) -> bool:
   """Process 0's `ok`, on every process of the run."""
-  import jax  # pylint: disable=g-import-not-at-top
   if jax.process_count() == 1:
     return ok
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   return bool(multihost_utils.broadcast_one_to_all(np.int32(ok)))
+
+
+# ----------------------------------------------------------------------------- the readers
+
+def pretrained_backbone(config, workdir: str):
+  """(module, variables) of the pretrained backbone that the pretrain stage kept.
+
+  Raises:
+    StageError: if there is none (run the pretrain stage), or it does not fit the config.
+  """
+  directory = os.path.join(stage_dir(workdir, "pretrain"), "best")
+  store = checkpoint.Checkpoints(directory, max_to_keep=1)
+  try:
+    if store.latest_step() is None:
+      raise StageError(f"no pretrained backbone in {directory}; run the pretrain stage first "
+                       "(--config.stages=\"('pretrain',)\"), or set config.backbone.checkpoint")
+    state, _ = checkpoint.restore_or_raise(
+        store, pretraining.initial_state(config),
+        mismatch=lambda e: StageError(
+            f"the pretrained backbone in {directory} does not fit the configured backbone: "
+            f"{e.detail}; use the config it was trained with, or a new workdir"),
+        unreadable=lambda e: StageError(
+            f"the pretrained backbone in {directory} cannot be read: {e.detail}; move "
+            f"{stage_dir(workdir, 'pretrain')} aside and rerun the pretrain stage (nothing is "
+            "deleted)"))
+  finally:
+    store.close()
+  return embedding.backbone(config), pretraining.backbone_variables(state)
+
+
+def pretrained_features(config, workdir: str, split: str,
+                        progress: bool = True) -> features.FeatureSet:
+  """The cached features of `split` under the pretrained backbone (`pretrained_backbone`)."""
+  module, variables = pretrained_backbone(config, workdir)
+  return embedding.split_features(config, workdir, split, module, variables, progress=progress)
+
+
+def targets_path(workdir: str) -> str:
+  """WORKDIR/prototypes/targets.npz: the base classes' diffusion targets and the fingerprints
+  of the features they came from."""
+  return os.path.join(stage_dir(workdir, "prototypes"), TARGETS_FILE)
+
+
+def load_targets(workdir: str, feature_set: features.FeatureSet) -> np.ndarray:
+  """[C, D] targets written for these base features, or a StageError naming the stage to run."""
+  path = targets_path(workdir)
+  if not os.path.exists(path):
+    raise StageError(f"no diffusion targets in {path}; run the prototypes stage first "
+                     "(--config.stages=\"('prototypes', 'train')\")")
+  with np.load(path) as f:
+    targets, key = f["targets"], str(f["feature_key"])
+  if key != feature_set.key:
+    raise StageError(f"the targets in {path} were computed from other features ({key}) than "
+                     f"the current base features ({feature_set.key}); rerun the prototypes "
+                     "stage")
+  bad = features.non_finite_rows(targets)
+  if bad:  # the stage refuses to write such targets, so the file was damaged since
+    raise StageError(f"the diffusion targets in {path} hold NaN or infinite values in {bad} of "
+                     f"{len(targets)} classes; delete that file and rerun the prototypes stage")
+  return targets
+
+
+def diffusion_targets(config, workdir: str, base: features.FeatureSet) -> np.ndarray:
+  """[C, D] the targets of the base features as the diffusion sees them
+  (`embedding.diffusion_features`): the prototypes stage's file, or, for rescaled features,
+  their class means (computed here: a pass over the cache)."""
+  if config.diffusion.feature_rms is None:
+    return load_targets(workdir, base)
+  if not os.path.exists(targets_path(workdir)):  # the stage that caches the features
+    raise StageError(f"no diffusion targets in {targets_path(workdir)}; run the prototypes "
+                     "stage first (--config.stages=\"('prototypes', 'train')\")")
+  return np.asarray(features.class_means(base.features, base.labels, base.num_classes))
+
+
+def kept_steps(workdir: str, shots: int) -> dict[str, list[int]]:
+  """The steps of the K-shot denoiser kept in train_<K>shot: {"best": [...] (its
+  best-validated one), "checkpoints": [...] (the latest few)}, ascending; none where a folder
+  is missing."""
+  run_dir = train_dir(workdir, shots)
+  out = {}
+  for name in ("best", "checkpoints"):
+    directory = os.path.join(run_dir, name)
+    out[name] = []
+    if os.path.isdir(directory):  # not opened otherwise: opening creates the folder
+      with checkpoint.Checkpoints(directory, max_to_keep=None) as store:
+        out[name] = store.all_steps()
+  return out
+
+
+def _checkpoint_location(workdir: str, shots: int, which) -> tuple[str, int | None]:
+  """(folder, step) of the checkpoint that `which` ("best", "last" or a step) names; step
+  None: the folder's latest. A StageError if there is none, a ConfigError for a step that
+  is not kept."""
+  run_dir = train_dir(workdir, shots)
+  steps = kept_steps(workdir, shots)
+  if which in ("best", "last"):
+    folder = "best" if which == "best" else "checkpoints"
+    if which == "last" and not steps[folder] and steps["best"]:
+      raise ConfigError(f"config.eval.checkpoint = 'last': {run_dir} keeps no training "
+                        f"checkpoints, only best/ (step {steps['best'][-1]}; an imported "
+                        "denoiser, or its checkpoints/ were removed); evaluate it with "
+                        "config.eval.checkpoint = 'best'")
+    if not steps[folder]:
+      raise StageError(f"no trained {shots}-shot denoiser in {run_dir}/{folder}; run the train "
+                       f"stage first (--config.stages=\"('train', 'eval')\") with "
+                       f"config.train.shots including {shots}")
+    return os.path.join(run_dir, folder), None
+  for folder in ("checkpoints", "best"):
+    if which in steps[folder]:
+      return os.path.join(run_dir, folder), which
+  if not steps["checkpoints"] and not steps["best"]:
+    raise StageError(f"config.eval.checkpoint = {which}: {run_dir} holds no trained {shots}-shot "
+                     "denoiser; run the train stage first (--config.stages=\"('train', 'eval')\")")
+  kept = ", ".join(str(s) for s in steps["checkpoints"]) or "none"
+  best = ", ".join(str(s) for s in steps["best"]) or "none"
+  raise ConfigError(f"config.eval.checkpoint = {which}: no {shots}-shot checkpoint of step "
+                    f"{which} in {run_dir}; it keeps steps {kept} in checkpoints/ and {best} in "
+                    "best/: set config.eval.checkpoint to one of them, 'best' or 'last'")
+
+
+def load_denoiser(config, workdir: str, shots: int, feature_dim: int, which="best"):
+  """(method, trained state, state at initialisation, checkpoint metadata) of the K-shot
+  denoiser, or a UserError naming what to do; the method is `method.MetaDiff.from_config`.
+
+  Args:
+    which: "best" (kept in train_<K>shot/best), "last" (the latest in train_<K>shot/checkpoints)
+      or a step kept in either (config_lib.eval_checkpoint).
+
+  Without the UNet (config.denoiser.unet = False) the denoiser has no parameters: no
+  checkpoint is read, both states are the empty initial one and the metadata is {}.
+  """
+  metadiff = method.MetaDiff.from_config(config, feature_dim)
+  init_state = metadiff.init(shots)
+  if not config.denoiser.unet:
+    return metadiff, init_state, init_state, {}
+  directory, step = _checkpoint_location(workdir, shots, which)
+  store = checkpoint.Checkpoints(directory, max_to_keep=None)  # None: a reader deletes nothing
+  try:
+    state, meta = checkpoint.restore_or_raise(
+        store, init_state, step,
+        mismatch=lambda e: StageError(
+            f"the {shots}-shot denoiser in {directory} does not fit the config: {e.detail}; "
+            "evaluate with the config it was trained with"),
+        unreadable=lambda e: StageError(
+            f"the {shots}-shot denoiser in {directory} cannot be read: {e.detail}; evaluate "
+            f"another one (config.eval.checkpoint) or move {train_dir(workdir, shots)} aside "
+            "and retrain it"))
+  except UserError:
+    raise
+  except ValueError as err:
+    raise StageError(f"the denoiser in {directory} does not fit the config ("
+                     f"{str(err).splitlines()[0]}); evaluate with the config it was "
+                     "trained with") from None
+  finally:
+    store.close()
+  # A denoiser that trained to NaN is stopped before it is saved, so non-finite parameters
+  # here are a damaged file; sampling with them would report chance as an accuracy.
+  bad = sum(int(np.sum(~np.isfinite(np.asarray(leaf))))
+            for leaf in jax.tree_util.tree_leaves(state.ema_params))
+  if bad:
+    raise StageError(f"the {shots}-shot denoiser in {directory}/{int(state.step)} has {bad} NaN "
+                     "or infinite parameters (a damaged checkpoint); evaluate another one "
+                     "(config.eval.checkpoint = 'best', 'last' or a kept step) or retrain it")
+  return metadiff, state, init_state, meta

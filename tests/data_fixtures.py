@@ -1,7 +1,7 @@
 """Writers of tiny fake datasets in the real on-disk formats of the few-shot benchmarks.
 
 Each writer puts random images of a few classes into a directory, in exactly the layout (file
-names, pickle keys, dtypes, Python 2 pickling, BGR storage, ...) that `formats.py` reads, and
+names, pickle keys, dtypes, Python 2 pickling, BGR storage, ...) that `data/formats/` reads, and
 returns what a reader must give back: per split an `Expected` (images in the reader's order,
 labels, class names). Test files import them as `from data_fixtures import ...` (pytest puts
 tests/ on sys.path).

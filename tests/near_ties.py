@@ -74,7 +74,7 @@ def relative_errors(a, b) -> np.ndarray:
 
 
 def assert_within_near_ties(got: dict, want: dict, near, what: str = "") -> None:
-  """Two `evaluate.summarize` rows of the same episodes differ by at most their near-ties.
+  """Two `metrics.summarize` rows of the same episodes differ by at most their near-ties.
 
   Args:
     got, want: {"mean", "ci95", "n"} rows (the accuracy over n episodes of Q queries).

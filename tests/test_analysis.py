@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 import near_ties
-from tiny_pipeline import TINY_OVERRIDES, config_from_args, episode_scores, run_main
-from metadiff_jax import schedule, tcunet
-from metadiff_jax.stages import analysis, evaluate
+from tiny_pipeline import (TINY_OVERRIDES, assert_written, episode_scores, finished_run,
+                           parse_command, run_tiny)
+from metadiff_jax import method, schedule, tcunet
 
 TINY_ANALYSIS = [
     "--config.analysis.episodes=16", "--config.analysis.batch_episodes=8",
@@ -38,22 +38,16 @@ FILES = ["table2.md", "table2.json", "table3.md", "table3.json", "table4.md", "t
          "fig5_convergence.json", "fig5_convergence.md"]
 
 
-@pytest.fixture(scope="module")
-def analysed(data_dir, tmp_path_factory):
-  """A workdir where the whole analysis command has run; (workdir, process)."""
-  workdir = str(tmp_path_factory.mktemp("analysis"))
-  proc = run_main("--config=configs/paper_analysis.py:dataset=glyphs", f"--workdir={workdir}",
-                  f"--config.data.data_dir={data_dir}", *TINY_OVERRIDES, *TINY_ANALYSIS,
-                  timeout=900)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return workdir, proc
+COMMAND = "paper_analysis.py:dataset=glyphs"
+
+# `analysed`: (workdir, process) where the whole analysis command has run.
+analysed_fixture = finished_run("analysed", COMMAND, *TINY_ANALYSIS)
 
 
 def test_the_command_writes_every_table_and_figure(analysed):
   workdir, proc = analysed
   out = os.path.join(workdir, "analysis")
-  for name in FILES:
-    assert os.path.getsize(os.path.join(out, name)) > 0, name
+  assert_written(out, FILES)
   table2 = json.load(open(os.path.join(out, "table2.json")))
   rows = table2["rows"]
   assert set(rows) == {"class_means", "gda", "gda_momentum", "anil", "metalstm", "alfa",
@@ -78,10 +72,8 @@ def test_the_command_writes_every_table_and_figure(analysed):
 def test_metadiff_rows_equal_the_eval_stage(analysed, data_dir):
   """MetaDiff's row is the eval stage's number: same denoiser, episodes and sampling key."""
   workdir, _ = analysed
-  proc = run_main("--config=configs/paper_analysis.py:dataset=glyphs", f"--workdir={workdir}",
-                  f"--config.data.data_dir={data_dir}", *TINY_OVERRIDES, *TINY_ANALYSIS,
-                  "--config.stages=('eval',)", "--config.eval.episodes=16")
-  assert proc.returncode == 0, proc.stderr[-2000:]
+  run_tiny(COMMAND, workdir, data_dir, *TINY_ANALYSIS, "--config.stages=('eval',)",
+           "--config.eval.episodes=16")
   evaluated = json.load(open(os.path.join(workdir, "eval", "1shot.json")))["metadiff"]
   table2 = json.load(open(os.path.join(workdir, "analysis", "table2.json")))["rows"]
   assert table2["metadiff"]["1"]["mean"] == pytest.approx(evaluated["mean"], abs=1e-9)
@@ -107,8 +99,8 @@ def test_figure5_curve_ends_at_the_metadiff_row(analysed, data_dir):
   # intermediate steps), equal to rounding: the accuracies agree up to the queries whose two
   # best scores are closer than that rounding moves them (tests/near_ties.py). The row is the
   # eval stage's (test_metadiff_rows_equal_the_eval_stage), so its scores are computed here.
-  config = config_from_args("paper_analysis", "dataset=glyphs", data_dir,
-                            [*TINY_OVERRIDES, *TINY_ANALYSIS, "--config.eval.episodes=16"])
+  config = parse_command(f"--config=configs/{COMMAND}", f"--config.data.data_dir={data_dir}",
+                         *TINY_OVERRIDES, *TINY_ANALYSIS)
   computed = episode_scores(config, workdir)
   tol = (near_ties.cosine_perturbation_tolerance(0.0, near_ties.SAMPLER_ROUNDING)
          + near_ties.cosine_rounding_tolerance(computed["features"].shape[1], shots=1))
@@ -121,28 +113,11 @@ def test_a_second_run_reuses_every_result(analysed, data_dir):
   workdir, _ = analysed
   before = {n: open(os.path.join(workdir, "analysis", n)).read()
             for n in FILES if n.endswith(".json")}
-  proc = run_main("--config=configs/paper_analysis.py:dataset=glyphs", f"--workdir={workdir}",
-                  f"--config.data.data_dir={data_dir}", *TINY_OVERRIDES, *TINY_ANALYSIS)
-  assert proc.returncode == 0, proc.stderr[-2000:]
+  proc = run_tiny(COMMAND, workdir, data_dir, *TINY_ANALYSIS)
   assert "meta-train" not in proc.stderr  # nothing trained again
   for name, text in before.items():
     if name != "fig4_memory.json":  # compiled again (cheap), same numbers expected
       assert open(os.path.join(workdir, "analysis", name)).read() == text, name
-
-
-def test_unknown_analysis_part_is_one_line(data_dir, tmp_path):
-  proc = run_main("--config=configs/paper_analysis.py:dataset=glyphs",
-                  f"--workdir={tmp_path}", f"--config.data.data_dir={data_dir}",
-                  *TINY_OVERRIDES, "--config.analysis.parts=('table9',)")
-  assert proc.returncode == 2
-  assert proc.stderr.strip().splitlines()[-1].startswith("error: config.analysis.parts")
-
-
-def test_unknown_dataset_preset_is_one_line(tmp_path):
-  proc = run_main("--config=configs/paper_analysis.py:dataset=imagenet21k",
-                  f"--workdir={tmp_path}")
-  assert proc.returncode == 2
-  assert "unknown dataset preset 'imagenet21k'" in proc.stderr
 
 
 def test_trajectory_last_point_is_the_sampler_output():
@@ -161,17 +136,17 @@ def test_trajectory_last_point_is_the_sampler_output():
   query_labels = jnp.asarray(rng.integers(0, ways, (episodes, ways * queries)), jnp.int32)
   index = jnp.arange(episodes, dtype=jnp.int32)
   key = jax.random.key(3)
-  traj = analysis.trajectory_metrics(model, variables, sched, features, support_idx,
-                                     support_labels, query_idx, query_labels, index, key,
-                                     ways=ways, every=3)
+  traj = method.trajectory_metrics(model, variables, sched, features, support_idx,
+                                   support_labels, query_idx, query_labels, index, key,
+                                   ways=ways, every=3)
   acc, loss, w0 = traj["accuracy"], traj["support_loss"], traj["w0"]
   assert acc.shape == loss.shape == (episodes, 5)
-  m = evaluate.episode_metrics(model, variables, sched, features, support_idx, support_labels,
-                               query_idx, query_labels, index, key, ways)
+  m = method.episode_metrics(model, variables, sched, features, support_idx, support_labels,
+                             query_idx, query_labels, index, key, ways)
   # Two compiled programs of one sampler: the same weights up to rounding, so the same
   # accuracies up to the queries whose two best scores nearly tie (tests/near_ties.py).
-  sampled = evaluate.episode_scores(model, variables, sched, features, support_idx,
-                                    support_labels, query_idx, index, key, ways)["weights"]
+  sampled = method.episode_scores(model, variables, sched, features, support_idx,
+                                  support_labels, query_idx, index, key, ways)["weights"]
   moved = near_ties.relative_errors(w0, sampled)
   assert moved.max() <= near_ties.SAMPLER_ROUNDING, moved.max()
   scores = near_ties.cosine_scores(np.asarray(features)[np.asarray(query_idx)], w0)

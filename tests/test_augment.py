@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from metadiff_jax.data import augment
+from metadiff_jax.data import augment, spec
 
 
 def _image(h=6, w=5, c=3, seed=0):
@@ -130,6 +130,6 @@ def test_per_dataset_defaults_and_the_config_section():
   assert augment.for_dataset("cifar_fs", flip=False).flip is False
   config.data.augment.mean = (0.5,)
   assert augment.from_config(config.data).mean == (0.5,)
-  assert set(augment.DEFAULTS) == set(augment.NORMALIZATION)
+  assert set(spec.AUGMENTATIONS) == set(augment.NORMALIZATION)
   with pytest.raises(ValueError, match="no augmentation defaults for 'omniglot'"):
     augment.for_dataset("omniglot")

@@ -8,7 +8,7 @@ import pytest
 from numpy.lib.stride_tricks import sliding_window_view
 
 from conftest import assert_close_to_scale
-from metadiff_jax import backbones, torch_import
+from metadiff_jax import backbones, pytorch_weights
 
 
 SMALL_WIDTHS = (4, 6, 8, 10)
@@ -57,7 +57,7 @@ def small_resnet(**kwargs):
 
 @pytest.mark.parametrize("prefix", ["", "module."])
 def test_resnet12_matches_reference(resnet_ref, resnet_state_dict, prefix):
-  variables = torch_import.resnet12_variables_from_torch(
+  variables = pytorch_weights.resnet12_variables_from_torch(
       {prefix + k: v for k, v in resnet_state_dict.items()})
   model = backbones.make("resnet12")
   images = jnp.asarray(resnet_ref["input_nchw"].transpose(0, 2, 3, 1))
@@ -71,8 +71,8 @@ def test_parameter_tree_mirrors_the_torch_names(resnet_state_dict, resnet_templa
   assert set(resnet_template["params"]) == {f"layer{i}" for i in range(1, 5)}
   assert set(resnet_template["params"]["layer1"]) == {
       "conv1", "bn1", "conv2", "bn2", "conv3", "bn3", "downsample_conv", "downsample_bn"}
-  variables = torch_import.resnet12_variables_from_torch(resnet_state_dict)
-  torch_import.check_variables_fit(resnet_template, variables)  # all 80 entries, no more
+  variables = pytorch_weights.resnet12_variables_from_torch(resnet_state_dict)
+  pytorch_weights.check_variables_fit(resnet_template, variables)  # all 80 entries, no more
   np.testing.assert_array_equal(variables["params"]["layer2"]["conv3"]["kernel"],
                                 resnet_state_dict["layer2.conv3.weight"].transpose(2, 3, 1, 0))
   np.testing.assert_array_equal(variables["batch_stats"]["layer4"]["downsample_bn"]["var"],
@@ -173,38 +173,38 @@ def test_batch_norm_statistics_update_in_training():
 def test_import_errors(resnet_state_dict):
   missing = {k: v for k, v in resnet_state_dict.items() if k != "layer3.bn2.running_var"}
   with pytest.raises(KeyError, match=r"layer3\.bn2\.running_var"):
-    torch_import.resnet12_variables_from_torch(missing)
+    pytorch_weights.resnet12_variables_from_torch(missing)
   extra = resnet_state_dict | {"fc.weight": np.zeros((5, 512)), "fc.bias": np.zeros(5),
                                "layer1.bn1.num_batches_tracked": np.array(7)}
   with pytest.raises(KeyError, match=r"unexpected.*\(2\).*fc\.bias.*fc\.weight"):
-    torch_import.resnet12_variables_from_torch(extra)
+    pytorch_weights.resnet12_variables_from_torch(extra)
 
 
 def test_check_variables_fit_names_the_first_mismatch(resnet_state_dict):
   wide = jax.eval_shape(backbones.make("resnet12_wide").init, jax.random.key(0),
                         jnp.zeros((1, 84, 84, 3)))
-  variables = torch_import.resnet12_variables_from_torch(resnet_state_dict)
+  variables = pytorch_weights.resnet12_variables_from_torch(resnet_state_dict)
   with pytest.raises(ValueError) as info:
-    torch_import.check_variables_fit(wide, variables, "ref.pth")
+    pytorch_weights.check_variables_fit(wide, variables, "ref.pth")
   message = str(info.value)
   assert "\n" not in message
   assert message.startswith("ref.pth has `params/layer2/bn1/bias` of shape (128,), but the "
                              "configured model expects (160,)")
   assert "config.backbone.name/widths" in message
   with pytest.raises(ValueError, match="has no `params/layer1/bn1/bias`"):
-    torch_import.check_variables_fit(variables, {"batch_stats": variables["batch_stats"]})
+    pytorch_weights.check_variables_fit(variables, {"batch_stats": variables["batch_stats"]})
   extra = {**variables, "params": {**variables["params"], "extra": {"kernel": np.ones(2)}}}
   with pytest.raises(ValueError, match=r"`params/extra/kernel` of shape \(2,\), which the"):
-    torch_import.check_variables_fit(variables, extra)
+    pytorch_weights.check_variables_fit(variables, extra)
 
 
 def test_load_backbone_file_npz(tmp_path, resnet_state_dict, resnet_template):
-  expected = torch_import.resnet12_variables_from_torch(resnet_state_dict)
+  expected = pytorch_weights.resnet12_variables_from_torch(resnet_state_dict)
   path = tmp_path / "metadiff.npz"
   # A flattened {'embedding': DataParallel backbone, 'head': ...} checkpoint.
   np.savez(path, **{f"embedding.module.{k}": v for k, v in resnet_state_dict.items()},
            **{"head.model.proto_inf1.weight": np.zeros((256, 512), np.float32)})
-  variables = torch_import.load_backbone_file(path, resnet_template)
+  variables = pytorch_weights.load_backbone_file(path, resnet_template)
   for (path_a, a), (path_e, e) in zip(jax.tree_util.tree_leaves_with_path(variables),
                                       jax.tree_util.tree_leaves_with_path(expected)):
     assert path_a == path_e
@@ -212,26 +212,26 @@ def test_load_backbone_file_npz(tmp_path, resnet_state_dict, resnet_template):
   wide = jax.eval_shape(backbones.make("resnet12_wide").init, jax.random.key(0),
                         jnp.zeros((1, 84, 84, 3)))
   with pytest.raises(ValueError, match=r"backbone checkpoint .*metadiff\.npz has `params/layer2"):
-    torch_import.load_backbone_file(path, wide)
+    pytorch_weights.load_backbone_file(path, wide)
   partial = tmp_path / "partial.npz"
   np.savez(partial, **{k: v for k, v in resnet_state_dict.items() if not k.startswith("layer4")})
   with pytest.raises(KeyError, match=r"partial\.npz: the state dict has no `layer4\.conv1"):
-    torch_import.load_backbone_file(partial, resnet_template)
+    pytorch_weights.load_backbone_file(partial, resnet_template)
 
 
 def test_load_backbone_file_pth(tmp_path, resnet_state_dict, resnet_template):
   torch = pytest.importorskip(
       "torch", reason="PyTorch is an optional extra; .pth reading is tested where it imports")
-  expected = torch_import.resnet12_variables_from_torch(resnet_state_dict)
+  expected = pytorch_weights.resnet12_variables_from_torch(resnet_state_dict)
   embedding = {f"module.{k}": torch.from_numpy(v) for k, v in resnet_state_dict.items()}
   embedding["module.layer1.bn1.num_batches_tracked"] = torch.tensor(3)
   path = tmp_path / "metadiff.pth"
   torch.save({"embedding": embedding, "head": {"model.time_emb1.bias": torch.zeros(256)}}, path)
-  variables = torch_import.load_backbone_file(path, resnet_template)
+  variables = pytorch_weights.load_backbone_file(path, resnet_template)
   np.testing.assert_array_equal(variables["params"]["layer3"]["conv2"]["kernel"],
                                 expected["params"]["layer3"]["conv2"]["kernel"])
   path = tmp_path / "trainer.pth"
   torch.save({"state_dict": embedding, "epoch": 90}, path)
-  variables = torch_import.load_backbone_file(path, resnet_template)
+  variables = pytorch_weights.load_backbone_file(path, resnet_template)
   np.testing.assert_array_equal(variables["batch_stats"]["layer4"]["bn3"]["mean"],
                                 expected["batch_stats"]["layer4"]["bn3"]["mean"])

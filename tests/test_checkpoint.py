@@ -21,10 +21,10 @@ import optax
 import pytest
 from flax.training import train_state
 
-from metadiff_jax import checkpoint
+from metadiff_jax import checkpoint, training_loop
 from metadiff_jax.checkpoint import Checkpoints
 from metadiff_jax.errors import TrainingError, UserError
-from metadiff_jax.stages import common
+from tiny_pipeline import xla_flags
 
 REPO = pathlib.Path(__file__).parent.parent
 
@@ -143,7 +143,7 @@ def test_restore_takes_the_template_shardings(tmp_path):
       print("restored", {k: tuple(v.sharding.spec) for k, v in restored.items()})
   """)
   result = _run_child(script, str(tmp_path),
-                      XLA_FLAGS="--xla_force_host_platform_device_count=4")
+                      XLA_FLAGS=xla_flags(4))
   assert result.returncode == 0, result.stderr[-3000:]
   assert "restored {'a': ('data',), 'b': ()}" in result.stdout
 
@@ -224,8 +224,9 @@ def test_the_stage_messages_of_a_mismatch_give_their_advice_once(tmp_path):
     ckpts.save(20, {"params": {"kernel": jnp.zeros((512, 128))}, "step": 20})
   with Checkpoints(str(run_dir / "checkpoints")) as ckpts:
     with pytest.raises(TrainingError) as info:
-      common.restore_latest(ckpts, {"params": {"kernel": jnp.zeros((256, 128))}, "step": 0},
-                            {}, str(run_dir), "train 1-shot")
+      training_loop.restore_latest(
+          ckpts, {"params": {"kernel": jnp.zeros((256, 128))}, "step": 0}, {}, str(run_dir),
+          "train 1-shot")
   message = str(info.value)
   assert message == (
       f"the checkpoint {run_dir}/checkpoints/20 does not fit the config: params/kernel has "
@@ -265,7 +266,8 @@ def write_layouts(root: str, stages: bool) -> None:
   Runs in a subprocess with 8 devices or as one of 2 processes, or in the tests' own.
   """
   from metadiff_jax import mesh  # pylint: disable=g-import-not-at-top
-  from metadiff_jax.stages import pretrain, train  # pylint: disable=g-import-not-at-top
+  from metadiff_jax import method, pretraining  # pylint: disable=g-import-not-at-top
+  from metadiff_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   x = np.arange(64.0, dtype=np.float32).reshape(16, 4)
   replicated = mesh.replicate(x)
   sharded = jax.jit(lambda a: a, out_shardings=mesh.sharded())(replicated)
@@ -278,13 +280,13 @@ def write_layouts(root: str, stages: bool) -> None:
     return
   config = _layout_config()
   workdir = os.path.join(root, "workdir")
-  state = pretrain.initial_state(config, _IMAGE_SHAPE, 64, _NUM_BASE)
+  state = pretraining.initial_state(config, _IMAGE_SHAPE, 64, _NUM_BASE)
   with Checkpoints(os.path.join(workdir, "pretrain", "best")) as ckpts:
     ckpts.save(5, state.replace(params=_marked(state.params)),
                {"image_shape": list(_IMAGE_SHAPE), "epoch": 1})
-  _, _, state = train.initial_state(config, _FEATURE_DIM, 1)
+  state = method.MetaDiff.from_config(config, _FEATURE_DIM).init(1)
   state = state.replace(params=_marked(state.params), ema_params=_marked(state.ema_params))
-  run_dir = train.run_dir(workdir, 1)
+  run_dir = workdir_lib.train_dir(workdir, 1)
   with Checkpoints(os.path.join(run_dir, "best")) as ckpts:
     ckpts.save(3, state, {"val_accuracy": 0.5})
   with Checkpoints(os.path.join(run_dir, "checkpoints")) as ckpts:
@@ -296,8 +298,8 @@ def read_layouts(root: str, stages: bool) -> dict:
   plain tree with and without a template; with `stages`, through every reader of the
   package (predict, the importer, eval and a resumed stage). Returns the plain metadata."""
   from metadiff_jax import import_torch, mesh, predict  # pylint: disable=g-import-not-at-top
-  from metadiff_jax.stages import common as common_lib  # pylint: disable=g-import-not-at-top
-  from metadiff_jax.stages import evaluate, train  # pylint: disable=g-import-not-at-top
+  from metadiff_jax import embedding  # pylint: disable=g-import-not-at-top
+  from metadiff_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   x = np.arange(64.0, dtype=np.float32).reshape(16, 4)
   here = set(jax.devices())
 
@@ -326,17 +328,17 @@ def read_layouts(root: str, stages: bool) -> dict:
   config = _layout_config()
   workdir = os.path.join(root, "workdir")
   variables, image_shape = predict._load_backbone(  # pylint: disable=protected-access
-      config, workdir, common_lib.backbone(config))
+      config, workdir, embedding.backbone(config))
   assert tuple(image_shape) == _IMAGE_SHAPE
   _assert_marked(variables["params"], on_this_layout)
   existing = import_torch._existing(workdir)  # pylint: disable=protected-access
   assert existing["backbone"][1]["image_shape"] == list(_IMAGE_SHAPE)
   _assert_marked(existing["heads"][1], on_this_layout)
-  _, state, initial, _ = evaluate.load_denoiser(config, workdir, 1, _FEATURE_DIM)
+  _, state, initial, _ = workdir_lib.load_denoiser(config, workdir, 1, _FEATURE_DIM)
   _assert_marked(state.ema_params, on_this_layout)
-  run_dir = train.run_dir(workdir, 1)
+  run_dir = workdir_lib.train_dir(workdir, 1)
   with Checkpoints(os.path.join(run_dir, "checkpoints")) as ckpts:
-    resumed, resumed_meta = common_lib.restore_latest(ckpts, initial, {}, run_dir, "resume")
+    resumed, resumed_meta = training_loop.restore_latest(ckpts, initial, {}, run_dir, "resume")
   assert int(resumed.step) == 0 and resumed_meta == {"best_val_accuracy": 0.5, "best_step": 3}
   _assert_marked(resumed.params, on_this_layout)
   return meta
@@ -359,7 +361,7 @@ _LAYOUT_CHILD = textwrap.dedent("""
 
 
 def _layout_child(root, what: str, devices: int, stages: bool = False) -> subprocess.Popen:
-  env = {"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+  env = {"XLA_FLAGS": xla_flags(devices)}
   log = open(os.path.join(root, f"{what.replace(':', '_')}.log"), "w+")
   child = subprocess.Popen(
       [sys.executable, "-c", _LAYOUT_CHILD, str(root), what, "stages" if stages else "plain",
@@ -578,8 +580,8 @@ def test_no_intact_step_is_one_line_naming_the_folder_to_move(tmp_path):
     assert "\n" not in message and len(message) <= 3 * len(str(directory)) + 300
     # Resuming a stage says which folder to move away to retrain it.
     with pytest.raises(TrainingError) as info:
-      common.restore_latest(ckpts, {"w": jnp.zeros((256,)), "step": 0}, {}, str(run_dir),
-                            "train 1-shot")
+      training_loop.restore_latest(ckpts, {"w": jnp.zeros((256,)), "step": 0}, {},
+                                   str(run_dir), "train 1-shot")
   assert str(info.value).startswith(f"no intact checkpoint in {directory}: steps 40, 30 are ")
   assert str(info.value).endswith(f"; move {run_dir} aside to retrain this stage (nothing is "
                                   "deleted)")

@@ -2,13 +2,15 @@
 `error: ...`, as the last line of stderr; no traceback, no progress bar or escape code on it,
 no log line after it (docs/ERRORS.md).
 
-The commands with a `main(argv)` (data, predict, import_torch) run in this process; the
-pipeline's (absl flags, defined once per process) runs in a few subprocesses, and its config
-parsing in this process on flags of its own.
+The commands run in this process: those with a `main(argv)` (data, predict, import_torch)
+through it, the pipeline's through its flag parsing (`main._parse_flags`, on absl's global
+flags) and, for the config, on flags of its own (`tiny_pipeline.parse_command`). One
+pipeline command runs in a process of its own, end to end.
 """
 
 import logging
 import subprocess
+import sys
 
 import pytest
 import tqdm
@@ -16,11 +18,11 @@ from absl import flags
 
 import data_fixtures as fx
 from conftest import REPO
-from metadiff_jax import config_flag, errors, metrics
+from metadiff_jax import config_lib, errors, main, metrics
 from metadiff_jax import import_torch as import_torch_cli
 from metadiff_jax import predict as predict_cli
 from metadiff_jax.data import __main__ as data_cli
-from tiny_pipeline import cpu_env, main_command
+from tiny_pipeline import command_error, cpu_env, main_command, parse_command
 
 
 def assert_one_error_line(status, stderr, message=""):
@@ -49,56 +51,55 @@ def run_in_process(cli_main, argv, capsys):
 
 # ----------------------------------------------------------------------------- pipeline
 
+def test_the_pipeline_command_ends_with_one_error_line(tmp_path):
+  """End to end, in a process of its own: the flags parse, the stages start, the first one's
+  error is stderr's last line and the status 2."""
+  proc = subprocess.run(main_command("--config=configs/glyphs_conv4.py",
+                                     f"--config.data.data_dir={tmp_path / 'none'}",
+                                     f"--workdir={tmp_path / 'run'}"),
+                        cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=600)
+  last = assert_one_error_line(proc.returncode, proc.stderr, "is not built")
+  assert "\\" not in last and "'" not in last.split(";")[0], last  # no escaped quotes
+
+
 @pytest.mark.parametrize("args, message", [
     (["--config=configs/nope.py"], "error: config file configs/nope.py does not exist"),
     (["--config=configs/glyphs_conv4.py", "--config.train.stpes=3"],
      "error: unknown config field train.stpes in configs/glyphs_conv4.py; did you mean "
      "train.steps?"),
-    (["--config=configs/glyphs_conv4.py", "--config.data.data_dir={tmp}/none"],
-     "is not built"),
     (["--config=configs/glyphs_conv4.py", "extra"], "error: unexpected arguments: extra"),
 ])
-def test_pipeline_command_errors_are_the_last_line(args, message, tmp_path):
-  args = [a.replace("{tmp}", str(tmp_path)) for a in args]
-  proc = subprocess.run(main_command(*args, f"--workdir={tmp_path / 'run'}"), cwd=REPO,
-                        env=cpu_env(), capture_output=True, text=True, timeout=600)
-  last = assert_one_error_line(proc.returncode, proc.stderr, message)
+def test_pipeline_flag_errors_are_the_last_line(args, message, tmp_path, monkeypatch, capsys):
+  argv = ["metadiff_jax.main", *args, f"--workdir={tmp_path / 'run'}"]
+  monkeypatch.chdir(REPO)
+  monkeypatch.setattr(sys, "argv", argv)  # where the config flag reads the overrides' names
+  try:
+    status, _, err = run_in_process(main._parse_flags, argv, capsys)
+  finally:
+    flags.FLAGS.unparse_flags()
+  last = assert_one_error_line(status, err, message)
   assert "\\" not in last and "'" not in last.split(";")[0], last  # no escaped quotes
 
 
-def parse_config(argv):
-  """The config `--config=... --config.*=...` gives, or the one line its mistake reads."""
-  argv = ["metadiff_jax.main", *argv]
-  flag_values = flags.FlagValues()
-  holder = config_flag.define(flag_values, sys_argv=argv)
-  try:
-    flag_values(argv)
-    config_flag.check_overrides(flag_values)
-  except Exception as e:  # noqa: BLE001  (what main._parse_flags catches)
-    return config_flag.error_line(e)
-  return holder.value
-
-
-def test_a_repeated_override_replaces_the_earlier_one(monkeypatch):
-  monkeypatch.chdir(REPO)
-  config = parse_config(["--config=configs/glyphs_conv4.py", "--config.train.shots=(1,)",
+def test_a_repeated_override_replaces_the_earlier_one():
+  config = parse_command("--config=configs/glyphs_conv4.py", "--config.train.shots=(1,)",
                          "--config.train.shots=(5,)", "--config.train.steps=7",
-                         "--config.train.steps=9"])
+                         "--config.train.steps=9")
   assert tuple(config.train.shots) == (5,) and config.train.steps == 9
-  config = parse_config(["--config=configs/glyphs_conv4.py", "--config.train.shots=(1, 5)",
-                         "--config.stages=eval"])
+  config = parse_command("--config=configs/glyphs_conv4.py", "--config.train.shots=(1, 5)",
+                         "--config.stages=eval")
   assert tuple(config.train.shots) == (1, 5) and tuple(config.stages) == ("eval",)
   assert config.is_locked
-  config = parse_config(["--config=configs/glyphs_conv4.py", "--config.stages=train, eval",
-                         "--config.train.shots=1,5", "--config.analysis.parts=('table2',)"])
+  config = parse_command("--config=configs/glyphs_conv4.py", "--config.stages=train, eval",
+                         "--config.train.shots=1,5", "--config.analysis.parts=('table2',)")
   assert tuple(config.stages) == ("train", "eval") and tuple(config.train.shots) == (1, 5)
   assert tuple(config.analysis.parts) == ("table2",)
   # A tuple's elements must have the file's type (the stages' checks would raise otherwise).
-  text = parse_config(["--config=configs/glyphs_conv4.py", "--config.train.shots=abc"])
+  text = parse_command("--config=configs/glyphs_conv4.py", "--config.train.shots=abc")
   assert text == ("--config.train.shots gives ('abc',), but config.train.shots holds int "
                   "values, like (1, 5)"), text
-  config = parse_config(["--config=configs/glyphs_conv4.py",
-                         "--config.analysis.gda_learning_rates=(1, 0.5)"])
+  config = parse_command("--config=configs/glyphs_conv4.py",
+                         "--config.analysis.gda_learning_rates=(1, 0.5)")
   assert tuple(config.analysis.gda_learning_rates) == (1, 0.5)  # an int for a float is fine
 
 
@@ -113,25 +114,29 @@ def test_a_repeated_override_replaces_the_earlier_one(monkeypatch):
 def test_a_config_file_that_does_not_load_is_one_line(source, message, tmp_path):
   path = tmp_path / "mine.py"
   path.write_text(source)
-  text = parse_config([f"--config={path}"])
+  text = parse_command(f"--config={path}")
   assert isinstance(text, str) and message in text and "\n" not in text, text
 
 
-def test_config_file_mistakes_name_the_fix(tmp_path, monkeypatch):
-  monkeypatch.chdir(REPO)
-  text = parse_config(["--config=configs/glyphs_conv.py"])
+def test_config_file_mistakes_name_the_fix(tmp_path):
+  text = parse_command("--config=configs/glyphs_conv.py")
   assert "did you mean configs/glyphs_conv4.py?" in text, text
-  assert "is a directory" in parse_config(["--config=configs"])
-  assert "no config file given" in parse_config(["--config="])
+  assert "is a directory" in parse_command("--config=configs")
+  assert "no config file given" in parse_command("--config=")
   (tmp_path / "plain.py").write_text(
       "import ml_collections\ndef get_config():\n  return ml_collections.ConfigDict({'a': 1})\n")
-  assert "takes no argument, so it has no presets; drop ':x=1'" in parse_config(
-      [f"--config={tmp_path / 'plain.py'}:x=1"])
-  assert parse_config([f"--config={tmp_path / 'plain.py'}", "--config.a=2"]).a == 2
+  assert "takes no argument, so it has no presets; drop ':x=1'" in parse_command(
+      f"--config={tmp_path / 'plain.py'}:x=1")
+  assert parse_command(f"--config={tmp_path / 'plain.py'}", "--config.a=2").a == 2
+  # A preset the file does not have.
+  assert "unknown config preset 'shots'" in parse_command(
+      "--config=configs/glyphs_conv4.py:shots=1")
+  assert "unknown dataset preset 'imagenet21k'" in parse_command(
+      "--config=configs/paper_analysis.py:dataset=imagenet21k")
   # A misspelt section is corrected to the whole field; with nothing close, the fields show.
-  assert "did you mean train.steps?" in parse_config(
-      ["--config=configs/glyphs_conv4.py", "--config.trian.steps=3"])
-  text = parse_config(["--config=configs/glyphs_conv4.py", "--config.train.zzzz=3"])
+  assert "did you mean train.steps?" in parse_command(
+      "--config=configs/glyphs_conv4.py", "--config.trian.steps=3")
+  text = parse_command("--config=configs/glyphs_conv4.py", "--config.train.zzzz=3")
   assert "unknown config field train.zzzz" in text and "learning_rate, log_every_steps" in text
 
 
@@ -218,25 +223,34 @@ def test_after_an_error_nothing_more_is_logged(capsys):
   assert capsys.readouterr().err.rstrip().split("\n")[-1] == "error: stop"
 
 
-@pytest.mark.parametrize("override, message", [
-    ("--config.train.learning_rate=nan", "config.train.learning_rate is nan; give a finite"),
-    ("--config.pretrain.weight_decay=inf", "config.pretrain.weight_decay is inf"),
-    ("--config.train.learning_rate=0", "config.train.learning_rate must be positive"),
-    ("--config.stages=()", "config.stages is empty, so nothing would run"),
+@pytest.mark.parametrize("config, override, message", [
+    ("glyphs_conv4.py", "--config.train.learning_rate=nan",
+     "config.train.learning_rate is nan; give a finite"),
+    ("glyphs_conv4.py", "--config.pretrain.weight_decay=inf",
+     "config.pretrain.weight_decay is inf"),
+    ("glyphs_conv4.py", "--config.train.learning_rate=0",
+     "config.train.learning_rate must be positive"),
+    ("glyphs_conv4.py", "--config.stages=()", "config.stages is empty, so nothing would run"),
+    ("glyphs_conv4.py", "--config.stages=('pretrian',)", "unknown stage 'pretrian'"),
+    ("paper_analysis.py:dataset=glyphs", "--config.analysis.parts=('table9',)",
+     "config.analysis.parts must name some of "),
+    ("stability.py:dataset=glyphs", "--config.stability.variants=('faithful','stable')",
+     "config.stability.variants"),
+    ("stability.py:dataset=glyphs", "--config.diffusion.sampler=euler",
+     "config.diffusion.sampler"),
+    ("stability.py:dataset=glyphs", "--config.denoiser.inputs=('weights',)",
+     "config.denoiser: inputs must start"),
+    ("stability.py:dataset=glyphs", "--config.diffusion.feature_rms=-1.0",
+     "config.diffusion.feature_rms"),
 ])
-def test_values_no_run_can_use_are_refused_before_any_stage(override, message, monkeypatch):
-  from metadiff_jax import config_lib  # pylint: disable=g-import-not-at-top
-  monkeypatch.chdir(REPO)
-  config = parse_config(["--config=configs/glyphs_conv4.py", override])
-  assert not isinstance(config, str), config
-  with pytest.raises(errors.ConfigError, match=message):
-    config_lib.check(config)
+def test_values_no_run_can_use_are_refused_before_any_stage(config, override, message):
+  # Found as the command finds them (its flag parsing, then `checks.check`), in one line.
+  line = command_error(f"--config=configs/{config}", override)
+  assert line.startswith(message) and "\n" not in line, line
 
 
-def test_a_non_finite_number_inside_a_tuple_is_refused(monkeypatch):
-  from metadiff_jax import config_lib  # pylint: disable=g-import-not-at-top
-  monkeypatch.chdir(REPO)
-  config = parse_config(["--config=configs/glyphs_conv4.py"])
+def test_a_non_finite_number_inside_a_tuple_is_refused():
+  config = parse_command("--config=configs/glyphs_conv4.py")
   config.unlock()
   config.analysis.gda_learning_rates = (0.1, float("nan"))
   with pytest.raises(errors.ConfigError, match=r"gda_learning_rates\[1\] is nan"):

@@ -31,6 +31,7 @@ def _check_round_trip(ref, expected, atol=0):
     want = expected[split]
     assert data.class_names == tuple(want.class_names), split
     np.testing.assert_array_equal(data.labels, np.asarray(want.labels))
+    np.testing.assert_array_equal(load.split_labels(ref, split), data.labels)
     images = np.stack([np.asarray(im) for im in want.images])
     assert data.images.shape == images.shape and data.images.dtype == np.uint8
     if atol:
@@ -156,6 +157,7 @@ def test_reading_errors_say_how_to_build(tmp_path):
     builders.build(builders.make_builder("mini_imagenet", str(tmp_path)))
 
 
+@pytest.mark.slow  # several CLI processes, each importing the data stack
 def test_cli_build_and_inspect_and_errors(tmp_path):
   fx.write_image_folder(tmp_path / "root", 3, images_per_class=4, seed=6, size=(8, 8))
   env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -208,12 +210,13 @@ fx.write_image_folder({str(tmp_path / "root")!r}, 3, images_per_class=4, seed=0)
 b = builders.make_builder("image_folder", {str(tmp_path / "tfds")!r}, {str(tmp_path / "root")!r},
                           config=builders.ImageFolderConfig(name="x", image_size=(8, 8)))
 builders.build(b)
-g = builders.make_builder("glyphs", {str(tmp_path / "tfds")!r}, config=builders.GlyphsConfig(
+g = builders.make_builder("glyphs", {str(tmp_path / "tfds")!r}, config=builders.EmbeddedConfig(
     name="tiny", num_classes=12, images_per_class=3, image_size=16))
 builders.build(g)
 for ref in (load.DatasetRef("image_folder", {str(tmp_path / "tfds")!r}, "x"),
             load.DatasetRef("glyphs", {str(tmp_path / "tfds")!r}, "tiny")):
   data = load.load_split(ref, "train", progress=False)
+  assert (load.split_labels(ref, "train") == data.labels).all()
   ep = episodes.EpisodeSampler(data.labels, 2, 1, 1, seed=0, split="train").batch(0, 2)
   fs = features.embed(lambda v, x: x.reshape(x.shape[0], -1).astype(jnp.float32), None,
                       data.images, batch_size=4, progress=False)
@@ -225,6 +228,7 @@ print("ok")
   assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
 
 
+@pytest.mark.slow  # the full default build: 640 classes
 def test_the_default_glyph_build_from_the_command_line(tmp_path):
   # The README's command; its time is reported here, not asserted (the issue asks < 90 s).
   env = {**os.environ, "PYTHONPATH": str(REPO)}

@@ -1,4 +1,5 @@
-"""The readers of formats.py on tiny fake datasets in every real on-disk format."""
+"""The readers of `metadiff_jax.data.formats` on tiny fake datasets in every real on-disk
+format."""
 
 from __future__ import annotations
 
@@ -55,6 +56,17 @@ def check_error(excinfo, *names: str):
   for name in names:
     assert str(name) in message, (name, message)
   return message
+
+
+def edit_pickle(path, key, change, py2: bool = False):
+  """Replaces item `key` of the pickled object at `path` by `change(item)`; `py2`: the file is
+  read as Python 3 reads Python 2 pickles (latin1) and written as Python 2 writes them."""
+  obj = pickle.loads(path.read_bytes(), encoding="latin1" if py2 else "ASCII")
+  obj[key] = change(obj[key])
+  if py2:
+    dump_py2(obj, path)
+  else:
+    path.write_bytes(pickle.dumps(obj))
 
 
 def decode_all(splits: dict):
@@ -129,10 +141,8 @@ def test_mini_imagenet_prefers_gidaris_pickles(tmp_path):
 
 def test_mini_imagenet_converts_integer_images(tmp_path):
   expected = write_mini_imagenet_cache(tmp_path, MINI, 1)
-  path = tmp_path / "mini-imagenet-cache-train.pkl"
-  obj = pickle.loads(path.read_bytes())
-  obj["image_data"] = obj["image_data"].astype(np.int64)
-  path.write_bytes(pickle.dumps(obj))
+  edit_pickle(tmp_path / "mini-imagenet-cache-train.pkl", "image_data",
+              lambda images: images.astype(np.int64))
   check_round_trip(formats.read_mini_imagenet(tmp_path, MINI), expected)
 
 
@@ -169,10 +179,7 @@ def test_tiered_ren_every_png_item_form(tmp_path, png_form):
 ])
 def test_tiered_ren_refuses_a_non_image_item_when_read(tmp_path, bad, what):
   write_tiered_ren(tmp_path, TIERED, 0, png_form="column")
-  path = tmp_path / "val_images_png.pkl"
-  pngs = pickle.loads(path.read_bytes())
-  pngs[4] = bad
-  path.write_bytes(pickle.dumps(pngs))
+  edit_pickle(tmp_path / "val_images_png.pkl", 4, lambda _: bad)
   with pytest.raises(DataError) as excinfo:
     formats.read_tiered_imagenet(tmp_path, TIERED)  # before any image is decoded or written
   check_error(excinfo, "val_images_png.pkl", "item 4", what)
@@ -353,10 +360,7 @@ def test_hostile_pickle_is_refused(tmp_path):
 
 def test_corrupt_png_in_ren_pickle(tmp_path):
   write_tiered_ren(tmp_path, TIERED, 0)
-  path = tmp_path / "test_images_png.pkl"
-  pngs = pickle.loads(path.read_bytes())
-  pngs[2] = pngs[2][:40]  # a cut-off PNG
-  path.write_bytes(pickle.dumps(pngs))
+  edit_pickle(tmp_path / "test_images_png.pkl", 2, lambda png: png[:40])  # a cut-off PNG
   got = formats.read_tiered_imagenet(tmp_path, TIERED)
   with pytest.raises(DataError) as excinfo:
     decode_all(got)
@@ -580,10 +584,8 @@ def test_wrong_image_shape_in_png_pickle(tmp_path):
 
 def test_images_that_do_not_fit_uint8(tmp_path):
   write_cifar_metaoptnet(tmp_path, "CIFAR_FS", CIFAR_FS, 0)
-  path = tmp_path / "CIFAR_FS_test.pickle"
-  obj = pickle.loads(path.read_bytes(), encoding="latin1")
-  obj["data"] = obj["data"].astype(np.int64) * 2
-  dump_py2(obj, path)
+  edit_pickle(tmp_path / "CIFAR_FS_test.pickle", "data", lambda data: data.astype(np.int64) * 2,
+              py2=True)
   with pytest.raises(DataError) as excinfo:
     formats.read_cifar_fs(tmp_path, CIFAR_FS)
   check_error(excinfo, "CIFAR_FS_test.pickle", "uint8")
@@ -591,10 +593,8 @@ def test_images_that_do_not_fit_uint8(tmp_path):
 
 def test_non_integer_labels(tmp_path):
   write_tiered_metaoptnet(tmp_path, TIERED, 0)
-  path = tmp_path / "val_labels.pkl"
-  obj = pickle.loads(path.read_bytes(), encoding="latin1")
-  obj["labels"] = [float("nan")] + obj["labels"][1:]
-  dump_py2(obj, path)
+  edit_pickle(tmp_path / "val_labels.pkl", "labels", lambda labels: [float("nan")] + labels[1:],
+              py2=True)
   with pytest.raises(DataError) as excinfo:
     formats.read_tiered_imagenet(tmp_path, TIERED)
   check_error(excinfo, "val_labels.pkl", "non-finite")

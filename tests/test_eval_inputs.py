@@ -11,13 +11,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from metadiff_jax import checkpoint, config_lib
+from metadiff_jax import checkpoint, checks, config_lib, embedding, method
+from metadiff_jax import workdir as workdir_lib
 from metadiff_jax.data import features
 from metadiff_jax.data.errors import DataError
 from metadiff_jax.errors import ConfigError, StageError, UserError
-from metadiff_jax.stages import common, evaluate
-from metadiff_jax.stages import prototypes as prototypes_stage
-from metadiff_jax.stages import train as train_stage
+from metadiff_jax.stages import evaluate
 from tiny_pipeline import tiny_config
 
 
@@ -45,7 +44,7 @@ def workdir(trained_workdir, tmp_path):
 
 
 def _evaluate(config, workdir):
-  config_lib.check(config)
+  checks.check(config)
   return evaluate.stage(config, workdir)
 
 
@@ -61,7 +60,7 @@ def _read(path):
 
 
 def _kept(workdir):
-  return evaluate.kept_steps(workdir, 1)
+  return workdir_lib.kept_steps(workdir, 1)
 
 
 # ----------------------------------------------------------------------------- non-finite inputs
@@ -95,7 +94,7 @@ def test_a_backbone_that_produces_nan_stops_eval_and_caches_nothing(data_dir, wo
     del aug
     return jax.jit(lambda variables, images: jnp.full((images.shape[0], 8), jnp.nan))
 
-  monkeypatch.setattr(common, "embed_fn", nan_embed_fn)
+  monkeypatch.setattr(embedding, "embed_fn", nan_embed_fn)
   with pytest.raises(DataError) as err:
     _evaluate(config, workdir)
   message = _one_line(err)
@@ -116,15 +115,15 @@ def test_non_finite_computed_features_are_never_cached(tmp_path):
 
 def test_nan_in_the_diffusion_targets_stops_with_one_line(data_dir, workdir):
   config = _config(data_dir)
-  base = common.split_features(config, workdir, "train", progress=False)
-  path = prototypes_stage.targets_path(workdir)
+  base = workdir_lib.pretrained_features(config, workdir, "train", progress=False)
+  path = workdir_lib.targets_path(workdir)
   with np.load(path) as f:
     saved = dict(f)
-  np.testing.assert_array_equal(prototypes_stage.load_targets(workdir, base), saved["targets"])
+  np.testing.assert_array_equal(workdir_lib.load_targets(workdir, base), saved["targets"])
   saved["targets"][2, 5] = np.nan
   np.savez(path, **saved)
   with pytest.raises(StageError) as err:
-    prototypes_stage.load_targets(workdir, base)
+    workdir_lib.load_targets(workdir, base)
   message = _one_line(err)
   assert path in message and "1 of" in message and "rerun the prototypes stage" in message
 
@@ -132,9 +131,9 @@ def test_nan_in_the_diffusion_targets_stops_with_one_line(data_dir, workdir):
 def _save_scaled_step(workdir, data_dir, step, scale):
   """Saves the last 1-shot checkpoint, its parameters times `scale`, as `step`."""
   config = _config(data_dir)
-  directory = os.path.join(train_stage.run_dir(workdir, 1), "checkpoints")
-  dim = common.split_features(config, workdir, "test", progress=False).features.shape[1]
-  _, _, init = train_stage.initial_state(config, dim, 1)
+  directory = os.path.join(workdir_lib.train_dir(workdir, 1), "checkpoints")
+  dim = workdir_lib.pretrained_features(config, workdir, "test", progress=False).features.shape[1]
+  init = method.MetaDiff.from_config(config, dim).init(1)
   with checkpoint.Checkpoints(directory, max_to_keep=None) as store:
     state, meta = store.restore(init)
     scaled = jax.tree_util.tree_map(lambda p: p * scale, state.ema_params)
@@ -255,7 +254,7 @@ def test_eval_checkpoint_of_a_missing_step_lists_the_kept_ones(data_dir, workdir
 
 def test_a_denoiser_kept_only_in_best_is_evaluated_without_a_last_row(data_dir, workdir):
   # As an imported PyTorch head is kept: train_<K>shot/best and no training checkpoints.
-  shutil.rmtree(os.path.join(train_stage.run_dir(workdir, 1), "checkpoints"))
+  shutil.rmtree(os.path.join(workdir_lib.train_dir(workdir, 1), "checkpoints"))
   with pytest.raises(ConfigError) as err:
     _evaluate(_config(data_dir, eval__checkpoint="last"), workdir)
   assert "keeps no training checkpoints, only best/" in _one_line(err)

@@ -81,13 +81,13 @@ def test_the_gpu_config_feeds_one_channel_to_its_resnet12(gray_build):
   # configs/image_folder.py on a grayscale build: ImageNet's three means broadcast one channel
   # to three before, and pretraining stopped in Flax with a ScopeParamShapeError.
   import jax  # pylint: disable=g-import-not-at-top
-  from metadiff_jax.stages import common  # pylint: disable=g-import-not-at-top
+  from metadiff_jax import embedding  # pylint: disable=g-import-not-at-top
   config = load_config("image_folder")
   config.data.data_dir, config.data.builder_config = gray_build.data_dir, gray_build.config
   images = load.load_split(gray_build, "train", progress=False).images[:2]
-  x = augment.preprocess(images, common.augment_config(config))
+  x = augment.preprocess(images, embedding.augment_config(config))
   assert x.shape == images.shape == (2, 16, 16, 1)
-  module = common.backbone(config)
+  module = embedding.backbone(config)
   variables = module.init(jax.random.key(0), x, train=False)
   features = module.apply(variables, x, train=False)
   assert features.shape[0] == 2 and np.isfinite(np.asarray(features)).all()
@@ -217,13 +217,13 @@ def test_the_cpu_config_runs_end_to_end_on_a_grayscale_folder(gray_build, glyph_
                                                               tmp_path):
   # Item 3's crash was in pretraining a 1-channel folder; the whole tiny pipeline runs here.
   from metadiff_jax import stages  # pylint: disable=g-import-not-at-top
-  from metadiff_jax.stages import common  # pylint: disable=g-import-not-at-top
+  from metadiff_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   config = tiny_config(gray_build.data_dir, "image_folder_conv4", gray_build.config,
                        train__steps=10, train__val_every_steps=10,
                        eval__episodes=10, eval__batch_episodes=5, eval__diagnostic_episodes=0)
   config_lib.check(config)
   stages.run(config, str(tmp_path))
-  _, variables = common.pretrained_backbone(config, str(tmp_path))
+  _, variables = workdir_lib.pretrained_backbone(config, str(tmp_path))
   kernels = [v for k, v in _flat(variables["params"]).items() if k.endswith("kernel")]
   assert min(k.shape[-2] for k in kernels if k.ndim == 4) == 1  # the first conv: 1 channel
   result = json.loads((tmp_path / "results.json").read_text())["results"]["1shot"]

@@ -20,7 +20,8 @@ import pytest
 from conftest import REPO, assert_close_to_scale, build_tiny, episode
 from resnet_recipe import recipe_shape
 from tiny_pipeline import cpu_env, run_main
-from metadiff_jax import backbones, checkpoint, config_lib, import_torch, tcunet, torch_import
+from metadiff_jax import (backbones, checkpoint, config_lib, import_torch, pytorch_weights,
+                          tcunet)
 from metadiff_jax.data import augment
 from metadiff_jax.import_torch import ImportCheckpointError
 
@@ -70,7 +71,7 @@ def assert_same_tree(actual, expected):
 
 
 def expected_head(head_sd, ema=False):
-  return torch_import.tcunet_params_from_torch(head_sd, use_ema=ema)
+  return pytorch_weights.tcunet_params_from_torch(head_sd, use_ema=ema)
 
 
 def imported_features(workdir, images_nchw):
@@ -132,7 +133,7 @@ def test_the_original_file_round_trips_the_reference_parameters(
     imported, resnet_state_dict, head_sd, resnet_ref, ref):
   workdir, path, summary = imported
   tree, meta = restored(os.path.join(workdir, "pretrain", "best"))
-  expected = torch_import.resnet12_variables_from_torch(resnet_state_dict)
+  expected = pytorch_weights.resnet12_variables_from_torch(resnet_state_dict)
   assert_same_tree(tree["params"]["backbone"], expected["params"])
   assert_same_tree(tree["batch_stats"]["backbone"], expected["batch_stats"])
   assert meta["imported_from"] == path and meta["done"] and meta["image_shape"] == [84, 84, 3]
@@ -145,7 +146,7 @@ def test_the_original_file_round_trips_the_reference_parameters(
   assert_same_tree(tree["ema_params"], params)
   assert meta == {"imported_from": path, "use_ema": False}
   config = config_lib.load_workdir_config(workdir)
-  model = tcunet.TCUNet(**torch_import.tcunet_config_from_params(tree["ema_params"]))
+  model = tcunet.TCUNet(**pytorch_weights.tcunet_config_from_params(tree["ema_params"]))
   eps = model.apply({"params": tree["ema_params"]}, episode(ref, 1, "eps_w")[2],
                     episode(ref, 1, "eps_t")[2], episode(ref, 1, "support")[2],
                     episode(ref, 1, "support_labels")[2])
@@ -172,7 +173,7 @@ def test_separate_files_without_the_module_prefix(resnet_state_dict, head_sd, re
                                  shots=5)
   tree, meta = restored(os.path.join(workdir, "pretrain", "best"))
   assert_same_tree(tree["params"]["backbone"],
-                   torch_import.resnet12_variables_from_torch(resnet_state_dict)["params"])
+                   pytorch_weights.resnet12_variables_from_torch(resnet_state_dict)["params"])
   assert meta["imported_from"] == backbone
   assert_close_to_scale(imported_features(workdir, resnet_ref["input_nchw"]),
                         resnet_ref["features"], 1e-4)
@@ -279,18 +280,18 @@ def test_the_nested_files_each_project_saves(resnet_state_dict):
                           "slf_attn.w_qs.weight": np.zeros((640, 640))}},
   }
   for arch, contents in files.items():
-    state_dict = torch_import.backbone_state_dict(contents, f"{arch}.pth")
-    assert torch_import.has_block_index(state_dict) == import_torch.ARCHS[arch].block_index
-    assert_same_tree(torch_import.resnet12_variables_from_torch(state_dict),
-                     torch_import.resnet12_variables_from_torch(resnet_state_dict))
+    state_dict = pytorch_weights.backbone_state_dict(contents, f"{arch}.pth")
+    assert pytorch_weights.has_block_index(state_dict) == import_torch.ARCHS[arch].block_index
+    assert_same_tree(pytorch_weights.resnet12_variables_from_torch(state_dict),
+                     pytorch_weights.resnet12_variables_from_torch(resnet_state_dict))
 
 
 def test_the_head_in_each_file_layout(head_sd):
   nested = {"embedding": {}, "head": head_sd}
   for contents in (nested, flatten(nested), head_sd, {"state_dict": nested}):
-    assert torch_import.head_state_dict(contents, "x.pth").keys() == head_sd.keys()
+    assert pytorch_weights.head_state_dict(contents, "x.pth").keys() == head_sd.keys()
   with pytest.raises(ValueError, match="no tensors where the head's state dict"):
-    torch_import.head_state_dict({"epoch": 3}, "x.pth")
+    pytorch_weights.head_state_dict({"epoch": 3}, "x.pth")
 
 
 # ----------------------------------------------------------------------------- eval and CLI
@@ -298,8 +299,8 @@ def test_the_head_in_each_file_layout(head_sd):
 @pytest.fixture(scope="module")
 def textures_dir(tmp_path_factory):
   """A tiny RGB texture set (30 classes: 19/5/6, 6 images of 16 x 16 each)."""
-  return build_tiny(tmp_path_factory, "textures", num_classes=30, images_per_class=6,
-                    image_size=16)
+  return build_tiny(tmp_path_factory.mktemp("textures"), "textures", num_classes=30,
+                    images_per_class=6, image_size=16)
 
 
 def run_import(*args):
@@ -307,6 +308,7 @@ def run_import(*args):
                         env=cpu_env(), capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow  # builds a dataset, then the pipeline command embeds it and evaluates
 def test_the_eval_stage_runs_on_an_imported_workdir(resnet_state_dict, head_sd, textures_dir,
                                                     tmp_path):
   path = save_npz(tmp_path / "metadiff.npz", flatten(original_layout(resnet_state_dict, head_sd)))
@@ -340,7 +342,7 @@ def test_the_pretrain_stage_imports_the_backbone_its_config_names(resnet_state_d
   # config.backbone.checkpoint: the pipeline's own import, which writes the same pretrain/best
   # as `import_torch` does and records the input shape that `predict` reads.
   from metadiff_jax import stages  # pylint: disable=g-import-not-at-top
-  from metadiff_jax.stages import pretrain  # pylint: disable=g-import-not-at-top
+  from metadiff_jax import pretraining  # pylint: disable=g-import-not-at-top
   path = save_npz(tmp_path / "backbone.npz",
                   {f"module.{k}": v for k, v in resnet_state_dict.items()})
   config = config_lib.load_config_file(str(REPO / "configs" / "textures_conv4.py"))
@@ -353,8 +355,8 @@ def test_the_pretrain_stage_imports_the_backbone_its_config_names(resnet_state_d
   stages.run(config, workdir)
   tree, meta = restored(os.path.join(workdir, "pretrain", "best"))
   assert meta["imported_from"] == path and meta["image_shape"] == [16, 16, 3]
-  assert_same_tree(pretrain.backbone_variables(tree),
-                   torch_import.resnet12_variables_from_torch(resnet_state_dict))
+  assert_same_tree(pretraining.backbone_variables(tree),
+                   pytorch_weights.resnet12_variables_from_torch(resnet_state_dict))
 
 
 @pytest.mark.parametrize("args, message", [

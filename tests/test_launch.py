@@ -76,6 +76,17 @@ def test_option_without_value_fails_with_one_line(script):
   assert len(lines) == 1 and "--config needs a value" in lines[0]
 
 
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_main_gets_the_args_after_dashes_then_extra_args(script):
+  result = run(script, "--dry-run", "--config=configs/c.py:shot=1", "--", "--a=1",
+               env={"BUCKET": "b", "PORT": "1", "NUM_PROCESSES": "1", "EXTRA_ARGS": "--b=2 --c=3"})
+  assert result.returncode == 0, result.stderr
+  runs = [line for line in result.stdout.splitlines() if "metadiff_jax.main" in line]
+  assert len(runs) == 1
+  assert "-m metadiff_jax.main --config configs/c.py:shot=1 --workdir " in runs[0]
+  assert "--a=1 --b=2 --c=3" in runs[0]
+
+
 # --- launch/tpu_pod.sh -------------------------------------------------------------------
 
 def test_tpu_dry_run_prints_every_step():

@@ -18,11 +18,11 @@ divergence (norm ratio below 1.5).
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
-from metadiff_jax import diffusion, schedule, tcunet
+from metadiff_jax import diffusion, method, schedule, tcunet
 from metadiff_jax.data import episodes
 from metadiff_jax.data.features import FeatureSet
-from metadiff_jax.stages import evaluate, train
 from metadiff_jax.train_state import DiffusionState, adam_l2
 
 CLASSES, PER_CLASS, DIM, T, SHOTS, WAYS = 30, 40, 32, 100, 1, 5
@@ -43,6 +43,7 @@ def class_means(fs):
   return np.stack([fs.features[fs.labels == c].mean(0) for c in range(fs.num_classes)])
 
 
+@pytest.mark.slow  # trains a denoiser
 def test_diffusion_training_lowers_the_held_out_loss_and_matches_class_means():
   base, held = clustered_features()
   sched = schedule.linear(T, 1e-4 * 1000 / T, 0.02 * 1000 / T)
@@ -70,7 +71,7 @@ def test_diffusion_training_lowers_the_held_out_loss_and_matches_class_means():
   features_dev, targets = jnp.asarray(base.features), jnp.asarray(class_means(base))
   steps, per_call, batch = 1500, 50, 8
   for _ in range(0, steps, per_call):
-    state, losses = train.train_steps(
+    state, losses = method.train_steps(
         model, state, sched, features_dev, targets, table, jax.random.key(2),
         jax.random.key(1), per_call, batch, WAYS, SHOTS, 0.99, 100)
     assert np.all(np.isfinite(np.asarray(losses)))
@@ -78,8 +79,8 @@ def test_diffusion_training_lowers_the_held_out_loss_and_matches_class_means():
   assert after < 0.7 * before, (before, after)
 
   test_sampler = episodes.EpisodeSampler(held.labels, WAYS, SHOTS, 15, 0, "test")
-  m = evaluate.run_episodes(model, {"params": state.ema_params}, sched, held, test_sampler,
-                            200, 100, jax.random.key(5), progress=False)
+  m = method.run_episodes(model, {"params": state.ema_params}, sched, held, test_sampler,
+                          200, 100, jax.random.key(5), progress=False)
   trained, means = m["accuracy"].mean(), m["prototype_accuracy"].mean()
   assert trained > means - 0.03, (trained, means)
   assert m["norm_ratio"].mean() < 1.5

@@ -91,6 +91,16 @@ def test_make_and_validation():
     metaopt.GDA(head="cosine", ways=5, feature_dim=4, steps=2)
   with pytest.raises(ValueError, match="momentum"):
     metaopt.GDA(head="linear", ways=5, feature_dim=4, steps=2, momentum=1.0)
+  # Each method's hyperparameters and the shared fields are checked against their intervals.
+  fields = dict(head="linear", ways=5, feature_dim=4, steps=2)
+  for name, bad in (("gda", dict(momentum=-0.1)), ("anil", dict(init_learning_rate=0.0)),
+                    ("metalstm", dict(learning_rate=1.0)), ("metalstm", dict(learning_rate=0.0)),
+                    ("alfa", dict(ways=0)), ("gda", dict(feature_dim=0)), ("anil", dict(steps=-1))):
+    (field, value), = bad.items()
+    with pytest.raises(ValueError, match=rf"\.{field} must lie in .*, got {value}"):
+      metaopt.make(name, **{**fields, **bad})
+  metaopt.make("gda", **{**fields, "steps": 0}, momentum=0.0)  # both closed ends are allowed
+  metaopt.make("metalstm", **fields, learning_rate=0.5)
 
 
 @pytest.mark.parametrize("head", HEADS)

@@ -193,6 +193,7 @@ def test_the_install_cell_refuses_what_it_cannot_use_in_one_line(tmp_path, monke
   assert "already holds other files" in refused(url, tmp_path / "busy")
 
 
+@pytest.mark.slow  # the whole tiny pipeline in a Jupyter kernel
 def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
   nb = read_notebook()
   parameters = tagged(nb, "parameters")

@@ -16,6 +16,8 @@ import shlex
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
 from tiny_pipeline import TINY_OVERRIDES, cpu_env
 from metadiff_jax import predict as predict_lib
@@ -77,6 +79,7 @@ def run_predict(words, capsys):
   return status, capsys.readouterr().out
 
 
+@pytest.mark.slow  # the demo and the analysis commands from scratch, then predict
 def test_the_readme_commands_run_in_order(data_dir, tmp_path, monkeypatch, capsys):
   demo, analysis, export, predict = documented_sequence()
   workdir = demo[demo.index("--workdir") + 1]

@@ -26,9 +26,10 @@ import numpy as np
 import pytest
 
 import near_ties
-from conftest import REPO
-from tiny_pipeline import (TINY_OVERRIDES, cpu_env, episode_scores, main_command, run_main,
-                           tiny_config)
+from conftest import CLI_RUN_OVERRIDES, REPO
+from tiny_pipeline import (TINY_OVERRIDES, command_error, cpu_env, episode_scores, main_command,
+                           run_main, tiny_config)
+from metadiff_jax import mesh, metrics
 from metadiff_jax.stages import evaluate
 
 # How far apart the layouts' trained weights may take the test features (each row's relative
@@ -44,7 +45,7 @@ def pipeline_args(data_dir, workdir, diagnostics=True):
   held-out noise error (its compilation is most of the stage; the 2-process run keeps it)."""
   return ["--config=configs/glyphs_conv4.py", f"--workdir={workdir}",
           f"--config.data.data_dir={data_dir}", *TINY_OVERRIDES,
-          *([] if diagnostics else ["--config.eval.diagnostic_episodes=0"])]
+          *([] if diagnostics else CLI_RUN_OVERRIDES)]
 
 
 def read_jsonl(path):
@@ -117,21 +118,14 @@ def assert_same_numbers(config, workdir, reference, reference_scores):
 
 
 @pytest.fixture(scope="module")
-def one_device_run(data_dir, tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("one_device") / "run"
-  proc = run_main(*pipeline_args(data_dir, workdir, diagnostics=False), devices=1)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "data mesh of 1" in proc.stderr
-  return workdir
-
-
-@pytest.fixture(scope="module")
-def reference(data_dir, one_device_run):
-  """(config, workdir, per-query scores) of the one-device run."""
+def reference(data_dir, cli_run):
+  """(config, workdir, per-query scores) of the one-device run (conftest's `cli_run`, the
+  command line of `pipeline_args(..., diagnostics=False)`)."""
   if jax.default_backend() != "cpu":
     pytest.skip("compares with CPU runs: run the tests with JAX_PLATFORMS=cpu")
+  assert "data mesh of 1" in cli_run.stderr
   config = tiny_config(data_dir, eval__diagnostic_episodes=0)
-  return config, one_device_run, episode_scores(config, one_device_run)
+  return config, cli_run.workdir, episode_scores(config, cli_run.workdir)
 
 
 def test_eight_devices_give_the_numbers_of_one(data_dir, tmp_path, reference):
@@ -144,13 +138,12 @@ def test_eight_devices_give_the_numbers_of_one(data_dir, tmp_path, reference):
   assert_same_numbers(config, workdir, one_device, scores)
 
 
-def test_a_batch_that_does_not_split_over_the_devices_is_refused(data_dir, tmp_path):
-  proc = run_main(*pipeline_args(data_dir, tmp_path / "run"),
-                  "--config.train.episodes_per_step=6", devices=4)
-  assert proc.returncode == 2
-  assert proc.stderr.strip().splitlines()[-1] == (
-      "error: config.train.episodes_per_step = 6 does not split over the 4 devices of this "
-      "run; make it a multiple of 4")
+def test_a_batch_that_does_not_split_over_the_devices_is_refused(monkeypatch):
+  monkeypatch.setattr(mesh, "num_shards", lambda: 4)  # as in a run on 4 devices
+  assert command_error("--config=configs/glyphs_conv4.py", *TINY_OVERRIDES,
+                       "--config.train.episodes_per_step=6") == (
+      "config.train.episodes_per_step = 6 does not split over the 4 devices of this run; make "
+      "it a multiple of 4")
 
 
 def free_port():
@@ -216,14 +209,14 @@ def test_a_flip_counts_only_where_the_scores_nearly_tie():
   labels = np.zeros((4, 2), int)
   near = near_ties.margins(scores) < 1e-4
   assert near.sum() == 1 and near[1, 0]
-  want = evaluate.summarize(np.mean(scores.argmax(-1) == labels, -1))
+  want = metrics.summarize(np.mean(scores.argmax(-1) == labels, -1))
   flipped = scores.copy()
   flipped[1, 0, 1] += 2e-6  # the near-tie goes the other way
-  got = evaluate.summarize(np.mean(flipped.argmax(-1) == labels, -1))
+  got = metrics.summarize(np.mean(flipped.argmax(-1) == labels, -1))
   assert got["mean"] != want["mean"]  # what an exact comparison would reject
   near_ties.assert_within_near_ties(got, want, near)
   clear = flipped.copy()
   clear[2, 1, 1] = 4.0  # and a query far from any tie changes its answer: one flip too many
-  wrong = evaluate.summarize(np.mean(clear.argmax(-1) == labels, -1))
+  wrong = metrics.summarize(np.mean(clear.argmax(-1) == labels, -1))
   with pytest.raises(AssertionError, match="near-ties"):
     near_ties.assert_within_near_ties(wrong, want, near)

@@ -9,10 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from metadiff_jax import config_lib, diffusion, schedule, tcunet
+from tiny_pipeline import assert_written, finished_run, run_tiny
+from metadiff_jax import config_lib, diffusion, embedding, method, schedule, tcunet
+from metadiff_jax import workdir as workdir_lib
 from metadiff_jax.data import features
 from metadiff_jax.errors import ConfigError, StageError
-from metadiff_jax.stages import analysis, common, evaluate, stability
+from metadiff_jax.stages import stability
 
 
 def _init(model, ways, shots, dim=None):
@@ -183,9 +185,9 @@ def test_the_trajectory_norm_diagnostic_on_a_case_with_known_norms():
   query_idx = np.arange(20, 20 + ways * queries, dtype=np.int32)[None]
   query_labels = np.repeat(np.arange(ways, dtype=np.int32), queries)[None]
   index, key = np.zeros(1, np.int32), jax.random.key(7)
-  m = analysis.trajectory_metrics(model, {}, sched, jnp.asarray(feats), support_idx,
-                                  support_labels, query_idx, query_labels, index, key,
-                                  ways=ways, every=5)
+  m = method.trajectory_metrics(model, {}, sched, jnp.asarray(feats), support_idx,
+                                support_labels, query_idx, query_labels, index, key,
+                                ways=ways, every=5)
   # The same w_T, then w <- (w - c_t 2K (w - m)) / sqrt(alpha_t) by hand, in float64.
   w = np.asarray(jax.random.normal(jax.random.fold_in(key, 0), (ways, dim)), np.float64)
   means = feats[:ways * shots].reshape(ways, shots, dim).mean(1).astype(np.float64)
@@ -228,8 +230,8 @@ def test_the_held_out_noise_error_against_its_fixed_predictors():
   sampler = episodes_lib.EpisodeSampler(labels, ways, shots, 2, 0, "test")
   model = tcunet.TCUNet(feature_dim=dim, unet=False)
   sched = schedule.linear(num_steps=100)
-  table = evaluate.noise_error_table(model, {}, sched, fs, centres, sampler, 40, 16,
-                                     jax.random.key(0), buckets=4)
+  table = method.noise_error_table(model, {}, sched, fs, centres, sampler, 40, 16,
+                                   jax.random.key(0), buckets=4)
   assert table["steps"] == [[0, 25], [25, 50], [50, 75], [75, 100]]
   np.testing.assert_allclose(table["support_means"], 0.0, atol=1e-6)
   np.testing.assert_allclose(table["zero"], 1.0, atol=0.1)
@@ -259,19 +261,18 @@ def test_feature_rescaling_and_its_targets(tmp_path):
   labels = np.repeat(np.arange(3), 4).astype(np.int32)
   fs = features.FeatureSet(features=rng.normal(size=(12, 9)).astype(np.float32) * 5,
                            labels=labels, num_classes=3, key="abc")
-  out = common.diffusion_features(config, fs)
+  out = embedding.diffusion_features(config, fs)
   np.testing.assert_allclose(np.linalg.norm(out.features, axis=1), 3.0, rtol=1e-5)  # 1 * sqrt(9)
   assert out.key != fs.key
-  from metadiff_jax.stages import prototypes as prototypes_stage
   with pytest.raises(StageError, match="run the prototypes stage first"):
-    prototypes_stage.diffusion_targets(config, "/nonexistent", out)
+    workdir_lib.diffusion_targets(config, "/nonexistent", out)
   workdir = tmp_path / "run"
   (workdir / "prototypes").mkdir(parents=True)
   (workdir / "prototypes" / "targets.npz").write_bytes(b"")  # the stage ran
-  targets = prototypes_stage.diffusion_targets(config, str(workdir), out)
+  targets = workdir_lib.diffusion_targets(config, str(workdir), out)
   np.testing.assert_allclose(targets, out.features.reshape(3, 4, 9).mean(1), rtol=1e-5)
   config_lib.apply_variant(config, "faithful")
-  assert common.diffusion_features(config, fs) is fs
+  assert embedding.diffusion_features(config, fs) is fs
 
 
 # ----------------------------------------------------------------------------- the study
@@ -284,23 +285,16 @@ TINY_STABILITY = [
 ]
 
 
-@pytest.fixture(scope="module")
-def studied(data_dir, tmp_path_factory):
-  """A workdir where the whole study command has run on the tiny glyphs; (workdir, process)."""
-  from tiny_pipeline import TINY_OVERRIDES, run_main
-  workdir = str(tmp_path_factory.mktemp("stability"))
-  proc = run_main("--config=configs/stability.py:dataset=glyphs", f"--workdir={workdir}",
-                  f"--config.data.data_dir={data_dir}", *TINY_OVERRIDES, *TINY_STABILITY,
-                  timeout=900)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return workdir, proc
+STUDY = "stability.py:dataset=glyphs"
+
+# `studied`: (workdir, process) where the whole study command has run.
+studied_fixture = finished_run("studied", STUDY, *TINY_STABILITY)
 
 
 def test_every_variant_trains_samples_and_is_reported(studied):
   workdir, proc = studied
   out = os.path.join(workdir, "stability")
-  for name in ("stability.md", "stability.json", "1shot.png"):
-    assert os.path.getsize(os.path.join(out, name)) > 0, name
+  assert_written(out, ("stability.md", "stability.json", "1shot.png"))
   report = json.load(open(os.path.join(out, "stability.json")))
   rows = report["results"]["1"]
   variants = config_lib.base_config().stability.variants
@@ -332,7 +326,6 @@ def test_every_variant_trains_samples_and_is_reported(studied):
 
 def test_the_faithful_row_is_the_eval_stage_on_the_same_denoiser(studied, data_dir):
   """Same denoiser, episodes and key: the study's faithful row equals the eval stage."""
-  from tiny_pipeline import TINY_OVERRIDES, run_main
   workdir, _ = studied
   rows = json.load(open(os.path.join(workdir, "stability", "stability.json")))["results"]["1"]
   where = [d for d in os.listdir(os.path.join(workdir, "stability", "denoisers"))
@@ -340,10 +333,8 @@ def test_the_faithful_row_is_the_eval_stage_on_the_same_denoiser(studied, data_d
   denoiser_dir = os.path.join(workdir, "stability", "denoisers", where)
   os.symlink(os.path.join(workdir, "features"), os.path.join(denoiser_dir, "features"))
   os.symlink(os.path.join(workdir, "pretrain"), os.path.join(denoiser_dir, "pretrain"))
-  proc = run_main("--config=configs/glyphs_conv4.py:variant=faithful",
-                  f"--workdir={denoiser_dir}", f"--config.data.data_dir={data_dir}",
-                  *TINY_OVERRIDES, "--config.stages=('eval',)", "--config.eval.episodes=16")
-  assert proc.returncode == 0, proc.stderr[-2000:]
+  run_tiny("glyphs_conv4.py:variant=faithful", denoiser_dir, data_dir,
+           "--config.stages=('eval',)", "--config.eval.episodes=16")
   evaluated = json.load(open(os.path.join(denoiser_dir, "eval", "1shot.json")))
   assert rows["faithful"]["best"]["mean"] == pytest.approx(evaluated["metadiff"]["mean"],
                                                            abs=1e-9)
@@ -355,29 +346,12 @@ def test_the_faithful_row_is_the_eval_stage_on_the_same_denoiser(studied, data_d
 
 
 def test_a_second_study_run_reuses_every_row(studied, data_dir):
-  from tiny_pipeline import TINY_OVERRIDES, run_main
   workdir, _ = studied
   path = os.path.join(workdir, "stability", "stability.json")
   before = open(path).read()
-  proc = run_main("--config=configs/stability.py:dataset=glyphs", f"--workdir={workdir}",
-                  f"--config.data.data_dir={data_dir}", *TINY_OVERRIDES, *TINY_STABILITY)
-  assert proc.returncode == 0, proc.stderr[-2000:]
+  proc = run_tiny(STUDY, workdir, data_dir, *TINY_STABILITY)
   assert "train 1-shot: step" not in proc.stderr  # nothing trained again
   assert open(path).read() == before
-
-
-@pytest.mark.parametrize("override,message", [
-    ("--config.stability.variants=('faithful','stable')", "config.stability.variants"),
-    ("--config.diffusion.sampler=euler", "config.diffusion.sampler"),
-    ("--config.denoiser.inputs=('weights',)", "config.denoiser: inputs must start"),
-    ("--config.diffusion.feature_rms=-1.0", "config.diffusion.feature_rms"),
-])
-def test_bad_study_settings_are_one_line(override, message, data_dir, tmp_path):
-  from tiny_pipeline import TINY_OVERRIDES, run_main
-  proc = run_main("--config=configs/stability.py:dataset=glyphs", f"--workdir={tmp_path}",
-                  f"--config.data.data_dir={data_dir}", *TINY_OVERRIDES, override)
-  assert proc.returncode == 2, proc.stderr[-2000:]
-  assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {message}")
 
 
 # ----------------------------------------------------------------------------- divergence
@@ -396,34 +370,34 @@ def _train_and_sample(variant: str, steps: int = 2000):
   """A 1-shot denoiser of `variant` trained on synthetic base classes, sampled on held-out
   ones: (accuracy, norm ratio, class-mean accuracy), each the mean over 40 episodes."""
   from metadiff_jax.data import episodes as episodes_lib
-  from metadiff_jax.stages import train as train_stage
   from metadiff_jax.train_state import DiffusionState, adam_l2
   config = config_lib.base_config()
   config_lib.apply_variant(config, variant)
   dim, ways, shots = 32, 5, 1
-  base = common.diffusion_features(config, _relu_clusters(0, 64, 20, dim))
-  test = common.diffusion_features(config, _relu_clusters(1, 16, 20, dim))
+  base = embedding.diffusion_features(config, _relu_clusters(0, 64, 20, dim))
+  test = embedding.diffusion_features(config, _relu_clusters(1, 16, 20, dim))
   targets = np.asarray(features.class_means(base.features, base.labels, base.num_classes))
-  model = train_stage.denoiser(config, dim)
+  model = method.denoiser(config, dim)
   variables = _init(model, ways, shots)
   state = DiffusionState.create(apply_fn=model.apply, params=variables["params"],
                                 tx=adam_l2(1e-3, 5e-4),
                                 ema_params=jax.tree_util.tree_map(jnp.copy,
                                                                   variables["params"]))
   sched = schedule.linear(1000)
-  state, losses = train_stage.train_steps(
+  state, losses = method.train_steps(
       model, state, sched, jnp.asarray(base.features), jnp.asarray(targets),
       episodes_lib.class_table(base.labels), jax.random.key(1), jax.random.key(2), steps, 8,
       ways, shots, 0.999, 100)
   assert np.all(np.isfinite(np.asarray(losses)))
   sampler = episodes_lib.EpisodeSampler(test.labels, ways, shots, 10, 0, "test")
-  m = evaluate.run_episodes(model, {"params": state.ema_params}, sched,
-                            jnp.asarray(test.features), sampler, 40, 40, jax.random.key(3),
-                            progress=False, **evaluate.sampler_options(config))
+  m = method.run_episodes(model, {"params": state.ema_params}, sched,
+                          jnp.asarray(test.features), sampler, 40, 40, jax.random.key(3),
+                          progress=False, **method.sampler_options(config))
   return (float(m["accuracy"].mean()), float(m["norm_ratio"].mean()),
           float(m["prototype_accuracy"].mean()))
 
 
+@pytest.mark.slow  # trains two denoisers for 2,000 steps
 def test_the_faithful_denoiser_diverges_where_the_recommended_one_does_not():
   """Synthetic ReLU-like features, 1-shot, Adam 1e-3: after 2,000 steps the faithful sampler's
   prototypes are several times the support means' norm and accuracy collapses; the

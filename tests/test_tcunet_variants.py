@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 
 import near_ties
-from metadiff_jax import config_lib, diffusion, heads, prototypes, schedule, tcunet
+from metadiff_jax import (checks, config_lib, diffusion, diffusion_training, heads, method,
+                          prototypes, schedule, tcunet)
+from metadiff_jax import workdir as workdir_lib
 from metadiff_jax.data import episodes
 from metadiff_jax.errors import ConfigError
-from metadiff_jax.stages import evaluate, train
 
 D, WAYS, SHOTS, T = 12, 3, 2, 6
 # (head, gradient, unet): every variant but the default, which tests/test_tcunet.py covers.
@@ -159,25 +160,27 @@ def base_split(seed=0):
 
 def test_the_config_builds_the_variant_and_its_state():
   config = variant_config(head="linear")
-  model, _, state = train.initial_state(config, D, SHOTS)
+  metadiff = method.MetaDiff.from_config(config, D)
+  model, _, state = metadiff.model, metadiff.train_schedule, metadiff.init(SHOTS)
   assert (model.head, model.feature_dim, model.gradient, model.unet) == ("linear", D + 1,
                                                                           "l2", True)
   assert state.params["proto_inf1"]["kernel"].shape == (D + 1, 8)
-  assert train.target_function(config) == train.LinearFitTargets(7, 0.01)
-  assert train.target_function(variant_config()) == train.ClassMeanTargets()
+  assert method.target_function(config) == method.LinearFitTargets(7, 0.01)
+  assert method.target_function(variant_config()) == method.ClassMeanTargets()
   config = variant_config(gradient="cosine_ce", unet=False, stages=("eval",))
-  model, _, state = train.initial_state(config, D, SHOTS)
+  metadiff = method.MetaDiff.from_config(config, D)
+  model, _, state = metadiff.model, metadiff.train_schedule, metadiff.init(SHOTS)
   assert model.gradient == "cosine_ce"
   assert not jax.tree_util.tree_leaves((state.params, state.ema_params))
   with pytest.raises(ConfigError, match="nothing to train"):
-    train.train_shot(config, "/nonexistent", SHOTS, None, None, None)
+    diffusion_training.train_shot(config, "/nonexistent", SHOTS, None, None, None)
 
 
 RECORDED = []
 
 
 @dataclasses.dataclass(frozen=True)
-class RecordedLinearFit(train.LinearFitTargets):
+class RecordedLinearFit(method.LinearFitTargets):
   """LinearFitTargets that also hands each step's targets and classes to the host."""
 
   def __call__(self, targets, features_dev, table, classes):
@@ -190,10 +193,11 @@ class RecordedLinearFit(train.LinearFitTargets):
 def test_linear_fit_targets_inside_train_steps_are_the_fit_on_the_class_images():
   feats, labels, table = base_split()
   config = variant_config(head="linear")
-  model, sched, state = train.initial_state(config, D, SHOTS)
+  metadiff = method.MetaDiff.from_config(config, D)
+  model, sched, state = metadiff.model, metadiff.train_schedule, metadiff.init(SHOTS)
   target_fn = RecordedLinearFit(steps=25, l2=0.05)
   RECORDED.clear()
-  state, losses = train.train_steps(
+  state, losses = method.train_steps(
       model, state, sched, jnp.asarray(feats), jnp.zeros((7, D)), table, jax.random.key(1),
       jax.random.key(2), 2, 3, WAYS, SHOTS, 0.9, 1, target_fn=target_fn)
   jax.block_until_ready(losses)
@@ -217,11 +221,12 @@ def test_training_a_variant_lowers_its_loss(head, gradient):
   # Noisier steps and a faster Adam than the paper's, so that 120 steps show a trend.
   config.diffusion.update(dict(beta_start=0.02, beta_end=0.3))
   config.train.learning_rate = 1e-2
-  model, sched, state = train.initial_state(config, D, SHOTS)
-  target_fn = train.LinearFitTargets(25, 0.05) if head == "linear" else train.ClassMeanTargets()
+  metadiff = method.MetaDiff.from_config(config, D)
+  model, sched, state = metadiff.model, metadiff.train_schedule, metadiff.init(SHOTS)
+  target_fn = method.LinearFitTargets(25, 0.05) if head == "linear" else method.ClassMeanTargets()
   losses = []
   for _ in range(3):
-    state, loss = train.train_steps(
+    state, loss = method.train_steps(
         model, state, sched, jnp.asarray(feats), jnp.asarray(means), table, jax.random.key(1),
         jax.random.key(2), 40, 8, WAYS, SHOTS, 0.9, 1, target_fn=target_fn)
     losses.append(np.asarray(loss))
@@ -247,8 +252,8 @@ def test_linear_head_eval_metrics(unet):
   variables = init(model, support, labels)
   sched = schedule.linear(T, 1e-2, 0.2)
   key = jax.random.key(5)
-  m = evaluate.run_episodes(model, variables, sched, jnp.asarray(feats), sampler, 4, 4, key,
-                            progress=False, linear_fit=(30, 0.05))
+  m = method.run_episodes(model, variables, sched, jnp.asarray(feats), sampler, 4, 4, key,
+                          progress=False, linear_fit=(30, 0.05))
   eps = sampler.batch(0, 4)
   w_T = jnp.stack([jax.random.normal(jax.random.fold_in(key, i), (WAYS, D + 1))
                    for i in eps.index])
@@ -278,7 +283,8 @@ def test_linear_head_eval_metrics(unet):
 
 def test_load_denoiser_without_the_unet_needs_no_checkpoint(tmp_path):
   config = variant_config(head="linear", unet=False, stages=("eval",))
-  model, state, init_state, meta = evaluate.load_denoiser(config, str(tmp_path), SHOTS, D)
+  metadiff, state, init_state, meta = workdir_lib.load_denoiser(config, str(tmp_path), SHOTS, D)
+  model = metadiff.model
   assert (model.head, model.unet, model.feature_dim) == ("linear", False, D + 1)
   assert state is init_state and meta == {} and not jax.tree_util.tree_leaves(state.params)
   # The eval stage hands the sampler {"params": {}}: eps is the linear head's gradient.
@@ -320,12 +326,12 @@ def test_config_mistakes(change, match):
     section = "prototypes" if field.startswith("linear_fit") else "denoiser"
     config[section][field] = value
   with pytest.raises(ConfigError, match=match) as info:
-    config_lib.check(config)
+    checks.check(config)
   assert "\n" not in str(info.value)
 
 
 def test_the_default_config_and_the_ablations_pass_the_checks():
-  config_lib.check(config_lib.base_config())
-  config_lib.check(variant_config(head="linear"))
-  config_lib.check(variant_config(gradient="cosine_ce", unet=False,
-                                  stages=("pretrain", "prototypes", "eval")))
+  checks.check(config_lib.base_config())
+  checks.check(variant_config(head="linear"))
+  checks.check(variant_config(gradient="cosine_ce", unet=False,
+                              stages=("pretrain", "prototypes", "eval")))

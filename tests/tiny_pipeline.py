@@ -1,5 +1,5 @@
-"""The tiny pipeline the pipeline and scaling tests run: its config, overrides and CLI, and
-the per-query scores of a finished run."""
+"""The tiny pipeline the tests run: its config, overrides and command line (run, or parsed in
+this process), and the per-query scores of a finished run."""
 
 import importlib.util
 import os
@@ -8,8 +8,12 @@ import sys
 
 import jax
 import numpy as np
+import pytest
+from absl import flags
 
 from conftest import REPO
+from metadiff_jax import checks, config_flag, config_lib
+from metadiff_jax.errors import ConfigError
 
 
 def load_config(name, arg=None):
@@ -19,67 +23,75 @@ def load_config(name, arg=None):
   return module.get_config(arg)
 
 
-TINY_OVERRIDES = [
-    "--config.data.builder_config=tiny", "--config.pretrain.epochs=2",
-    "--config.pretrain.batch_size=32", "--config.pretrain.val_episodes=20",
-    "--config.pretrain.log_every_steps=5", "--config.diffusion.num_steps=10",
-    "--config.denoiser.hidden_dims=(32, 16)", "--config.train.shots=(1,)",
-    "--config.train.steps=20", "--config.train.steps_per_call=5",
-    "--config.train.val_every_steps=10", "--config.train.val_episodes=10",
-    "--config.train.log_every_steps=5", "--config.train.checkpoint_every_steps=5",
-    "--config.train.ema_start_step=5", "--config.eval.episodes=20",
-    "--config.eval.batch_episodes=8",
-]
+# The tiny preset (config_lib.TINY, `:tiny=1` after a config file) as `--config.*` overrides,
+# for command lines that add them to another preset or pass them on (`--override=`).
+TINY_OVERRIDES = [f"--config.{field}={value}" for field, value in config_lib.TINY.items()]
 
 
 def tiny_config(data_dir, config_name="glyphs_conv4", builder_config="tiny", **sections):
-  """A config file's config (glyphs_conv4 by default) shrunk to seconds, on the build
-  `builder_config` in `data_dir`; `sections` maps 'train__steps' style names to values."""
-  config = load_config(config_name)
+  """A config file's config (glyphs_conv4 by default) with the tiny preset (`:tiny=1`), on the
+  build `builder_config` in `data_dir`; `sections` maps 'train__steps' style names to values."""
+  config = load_config(config_name, "tiny=1")
   config.data.data_dir = data_dir
   config.data.builder_config = builder_config
-  config.pretrain.update(dict(epochs=2, batch_size=32, val_episodes=20, log_every_steps=5))
-  config.diffusion.num_steps = 10
-  config.denoiser.hidden_dims = (32, 16)
-  config.train.update(dict(shots=(1,), steps=20, steps_per_call=5, val_every_steps=10,
-                           val_episodes=10, log_every_steps=5, checkpoint_every_steps=5,
-                           ema_start_step=5))
-  config.eval.update(dict(episodes=20, batch_episodes=8))
   for name, value in sections.items():
     section, field = name.split("__")
     config[section][field] = value
   return config
 
 
-def config_from_args(name, arg, data_dir, overrides):
-  """The config `python -m metadiff_jax.main --config=configs/NAME.py:ARG OVERRIDES` runs,
-  built in this process; `overrides` are "--config.section.field=value" strings."""
-  import ast  # pylint: disable=g-import-not-at-top
-  config = load_config(name, arg)
-  config.data.data_dir = data_dir
-  for override in overrides:
-    path, text = override[len("--config."):].split("=", 1)
-    try:
-      value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-      value = text
-    *sections, field = path.split(".")
-    node = config
-    for section in sections:
-      node = node[section]
-    node[field] = value
-  return config
+def parse_command(*args):
+  """The config `python -m metadiff_jax.main ARGS` runs, parsed in this process as
+  `main._parse_flags` parses it, on flags of its own (so that a test may parse many), with
+  relative paths read from the repository; or, for a mistake, the one line the command ends
+  with (after `error: `). `checks.check(config)` is what the command checks next.
+
+  Args:
+    *args: `--config=...` and `--config.*=...` arguments.
+  """
+  argv = ["metadiff_jax.main", *args]
+  flag_values = flags.FlagValues()
+  holder = config_flag.define(flag_values, sys_argv=argv)
+  cwd = os.getcwd()
+  os.chdir(REPO)
+  try:
+    flag_values(argv)
+    config_flag.check_overrides(flag_values)
+  except Exception as e:  # noqa: BLE001  (what main._parse_flags catches)
+    return config_flag.error_line(e)
+  finally:
+    os.chdir(cwd)
+  return holder.value
+
+
+def command_error(*args):
+  """The one line `python -m metadiff_jax.main ARGS` stops with before any stage (after
+  `error: `): a mistake in its flags or config, found in this process as the command finds
+  it (`parse_command`, then `checks.check`); None where there is none."""
+  config = parse_command(*args)
+  if isinstance(config, str):
+    return config
+  try:
+    checks.check(config)
+  except ConfigError as e:
+    return str(e)
+  return None
 
 
 def main_command(*args):
   return [sys.executable, "-m", "metadiff_jax.main", *args]
 
 
+def xla_flags(devices):
+  """This process's XLA_FLAGS (conftest's) with `devices` simulated CPU devices."""
+  return f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
+
+
 def cpu_env(devices=None, **extra):
   """The environment of a CPU-only run, with `devices` simulated devices if given."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", **extra)
   if devices:
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] = xla_flags(devices)
   return env
 
 
@@ -89,35 +101,63 @@ def run_main(*args, timeout=600, devices=None):
                         capture_output=True, text=True, timeout=timeout)
 
 
+def run_tiny(config, workdir, data_dir, *overrides, timeout=900, devices=None):
+  """`python -m metadiff_jax.main --config=configs/CONFIG` with TINY_OVERRIDES on the tiny
+  glyphs in `data_dir`, in `workdir`, then `overrides`, on `devices` CPU devices if given;
+  the finished process, which must have exited 0."""
+  proc = run_main(f"--config=configs/{config}", f"--workdir={workdir}",
+                  f"--config.data.data_dir={data_dir}", *TINY_OVERRIDES, *overrides,
+                  timeout=timeout, devices=devices)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc
+
+
+def assert_written(folder, names):
+  """Each of the files `names` in `folder` exists and is not empty."""
+  for name in names:
+    assert os.path.getsize(os.path.join(folder, name)) > 0, name
+
+
+def finished_run(name, config, *overrides):
+  """A module-scoped fixture named `name`: (workdir, process) of `run_tiny(config, workdir,
+  data_dir, *overrides)` on conftest's tiny glyphs. The tests of one file run in one process,
+  in order (setup.cfg), so that they may run stages in that workdir one after another."""
+
+  @pytest.fixture(scope="module", name=name)
+  def fixture(data_dir, tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp(name))
+    return workdir, run_tiny(config, workdir, data_dir, *overrides)
+
+  return fixture
+
+
 def episode_scores(config, workdir):
   """The eval stage's test features and per-query scores of a finished 1-shot workdir, computed
-  in this process (`evaluate.episode_scores`).
+  in this process (`method.MetaDiff.scores`).
 
   Returns:
     {"features": [n, D] the test features the stage saw, and per row ("metadiff",
     "untrained", "prototypes"): {"scores": [E, Q, N], "weights": [E, N, D]}}.
   """
-  from metadiff_jax import schedule  # pylint: disable=g-import-not-at-top
+  from metadiff_jax import embedding, rng  # pylint: disable=g-import-not-at-top
+  from metadiff_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   from metadiff_jax.data import episodes  # pylint: disable=g-import-not-at-top
-  from metadiff_jax.stages import common, evaluate  # pylint: disable=g-import-not-at-top
-  test = common.diffusion_features(
-      config, common.split_features(config, str(workdir), "test", progress=False))
+  test = embedding.diffusion_features(
+      config, workdir_lib.pretrained_features(config, str(workdir), "test", progress=False))
   e = config.eval
   sampler = episodes.EpisodeSampler(test.labels, e.ways, 1, e.queries, config.seed, "test")
-  model, state, init_state, _ = evaluate.load_denoiser(config, str(workdir), 1,
-                                                       test.features.shape[1])
+  metadiff, state, init_state, _ = workdir_lib.load_denoiser(config, str(workdir), 1,
+                                                             test.features.shape[1])
   features_dev = jax.numpy.asarray(test.features)
-  key = common.key(config, "sampling", 2)
-  options = evaluate.sampler_options(config)
+  key = rng.key(config, "sampling", 2)
   out = {"features": test.features}
-  sched = schedule.for_sampling(config)
   for row, params in (("metadiff", state.ema_params), ("untrained", init_state.params)):
     parts = []
     for start in range(0, e.episodes, e.batch_episodes):
       ep = sampler.batch(start, e.batch_episodes)
-      parts.append(jax.device_get(evaluate.episode_scores(
-          model, {"params": params}, sched, features_dev, ep.support, ep.support_labels,
-          ep.query, ep.index.astype(np.int32), key, e.ways, **options)))
+      parts.append(jax.device_get(metadiff.scores(
+          {"params": params}, features_dev, ep._replace(index=ep.index.astype(np.int32)), key,
+          e.ways)))
     scores = {k: np.concatenate([p[k] for p in parts])[:e.episodes] for k in parts[0]}
     out[row] = {"scores": scores["scores"], "weights": scores["weights"]}
   # The class means do not depend on the denoiser: those of the last batch loop serve.

@@ -1,8 +1,9 @@
 """Few-shot data (docs/DATASETS.md).
 
-- `builders`: TFDS builders writing array_record files without TensorFlow (`formats` reads
-  the users' files, `glyphs` renders the embedded default, `spec` holds the standard splits).
-- `load`: opens a built dataset; whole splits as `SplitArrays`.
+- `builders`: TFDS builders writing array_record files without TensorFlow; `formats` (a package,
+  one module per family of on-disk formats) reads the users' files, `embedded` generates the
+  sets that need no download (`glyphs`, `textures`), `spec` holds the standard splits.
+- `load`: opens a built dataset; whole splits as `SplitArrays`, or only their labels.
 - `episodes`: the episode sampler, a pure function of (seed, split, episode index).
 - `features`: the feature cache of a split under a frozen backbone, and episode gathering.
 - `augment`: on-device augmentation for backbone pretraining.

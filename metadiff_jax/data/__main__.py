@@ -72,14 +72,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _builder_config(args):
-  if args.name in ("glyphs", "textures"):
+  if builders.BUILDERS[args.name].CONFIG_CLASS is builders.EmbeddedConfig:
     changed = {k: getattr(args, k) for k in ("image_size", "num_classes", "images_per_class",
                                              "seed") if getattr(args, k) is not None}
     if not changed and args.config in (None, "default"):
       return None
     name = args.config or "_".join(f"{k}{v}" for k, v in sorted(changed.items()))
-    config_class = builders.GlyphsConfig if args.name == "glyphs" else builders.TexturesConfig
-    return config_class(name=name, **changed)
+    return builders.EmbeddedConfig(name=name, **changed)
   if args.name == "image_folder":
     size = args.image_size or 84
     return builders.ImageFolderConfig(name=args.config or "default", image_size=(size, size),

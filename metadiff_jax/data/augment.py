@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from metadiff_jax.data.errors import DataError
+from metadiff_jax.data.spec import AUGMENTATIONS
 from metadiff_jax.errors import ConfigError
 
 # How often each jitted function here was traced (tests assert compile counts).
@@ -53,25 +55,6 @@ NORMALIZATION = {
 }
 
 
-# Per-dataset pretraining augmentations (the `data.augment` section of a config). Padding 8 for
-# 84-pixel and 4 for 32-pixel images, flips and jitter 0.4 as in MetaOptNet's and RFS's
-# pretraining; glyphs are only shifted and jittered in brightness and contrast, never flipped.
-DEFAULTS = {
-    "mini_imagenet": dict(crop_padding=8, flip=True, brightness=0.4, contrast=0.4,
-                          saturation=0.4),
-    "tiered_imagenet": dict(crop_padding=8, flip=True, brightness=0.4, contrast=0.4,
-                            saturation=0.4),
-    "cifar_fs": dict(crop_padding=4, flip=True, brightness=0.4, contrast=0.4, saturation=0.4),
-    "fc100": dict(crop_padding=4, flip=True, brightness=0.4, contrast=0.4, saturation=0.4),
-    "image_folder": dict(crop_padding=8, flip=True, brightness=0.4, contrast=0.4,
-                         saturation=0.4),
-    "glyphs": dict(crop_padding=2, flip=False, brightness=0.4, contrast=0.4, saturation=0.0),
-    # Flips as for natural images (a mirror keeps a texture's frequencies, sharpness and colours,
-    # though not its orientations); colour is part of a class, so its jitter stays modest.
-    "textures": dict(crop_padding=4, flip=True, brightness=0.2, contrast=0.2, saturation=0.2),
-}
-
-
 @dataclasses.dataclass(frozen=True)
 class AugmentConfig:
   """Which augmentations run, and how strongly.
@@ -94,19 +77,21 @@ class AugmentConfig:
 
 
 def for_dataset(name: str, **overrides) -> AugmentConfig:
-  """The default augmentations and normalisation of dataset `name`, with overrides.
+  """The default augmentations (`spec.AUGMENTATIONS`) and normalisation of dataset `name`,
+  with overrides.
 
   A dataset normalised with its build's statistics (`NORMALIZATION[name]` None) needs `mean`
   and `std` among the overrides.
   """
-  if name not in DEFAULTS:
-    raise ValueError(f"no augmentation defaults for {name!r}; known: {', '.join(DEFAULTS)}")
+  defaults = AUGMENTATIONS
+  if name not in defaults:
+    raise ValueError(f"no augmentation defaults for {name!r}; known: {', '.join(defaults)}")
   constants = NORMALIZATION[name]
   if constants is None and ("mean" not in overrides or "std" not in overrides):
     raise ValueError(f"{name} is normalised with its build's statistics; pass mean= and std= "
                      "(load.normalization(ref))")
   mean, std = constants or (None, None)
-  return AugmentConfig(**{**DEFAULTS[name], "mean": mean, "std": std, **overrides})
+  return AugmentConfig(**{**defaults[name], "mean": mean, "std": std, **overrides})
 
 
 def from_config(data_config) -> AugmentConfig:
@@ -130,7 +115,6 @@ def from_config(data_config) -> AugmentConfig:
     ref = _dataset_ref(data_config)
     if "mean" not in fields or "std" not in fields:
       from metadiff_jax.data import load  # tensorflow-datasets: only where a build is read
-      from metadiff_jax.data.errors import DataError
       try:
         load.dataset_dir(ref)
       except DataError as e:
@@ -184,8 +168,7 @@ def _dataset_ref(data_config):
 
 def _built_channels(ref) -> int | None:
   """The channel count of a built dataset; None where it is not built (yet)."""
-  from metadiff_jax.data import load
-  from metadiff_jax.data.errors import DataError
+  from metadiff_jax.data import load  # tensorflow-datasets: only where a build is read
   try:
     return load.image_shape(ref)[-1]
   except DataError:

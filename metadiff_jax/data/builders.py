@@ -1,12 +1,12 @@
 """TFDS builders that write the few-shot datasets as array_record files, with no TensorFlow.
 
-Each builder reads a user's files with `formats.py` (or generates the glyphs or the textures),
-and writes splits
-`train` / `val` / `test` of examples `{"image": uint8 [H, W, C], "label": int64}`. Labels are
-within-split class indices 0..C-1; the class names of each split are stored in the dataset's
-metadata (`metadata.json`, key "class_names"). Images are `tfds.features.Tensor` rather than
-`tfds.features.Image`, because encoding an Image feature needs TensorFlow; array_record files
-are then read by `tfds.data_source` with TensorFlow absent (`load.py`).
+Each builder reads a user's files with `formats` (or generates an embedded set, `embedded`)
+and writes splits `train` / `val` / `test` of examples `{"image": uint8 [H, W, C], "label":
+int64}`. Labels are within-split class indices 0..C-1; the class names of each split are stored
+in the dataset's metadata (`metadata.json`, key "class_names"). Images are
+`tfds.features.Tensor` rather than `tfds.features.Image`, because encoding an Image feature
+needs TensorFlow; array_record files are then read by `tfds.data_source` with TensorFlow absent
+(`load.py`).
 
 Records keep their generation order (`disable_shuffling`): record i of a split is image i of
 the source in the order the source lists them, so a built split is a pure function of its
@@ -41,7 +41,7 @@ from collections.abc import Callable
 import numpy as np
 import tensorflow_datasets as tfds
 
-from metadiff_jax.data import formats, glyphs, spec as spec_lib, textures
+from metadiff_jax.data import embedded, formats, glyphs, spec as spec_lib, textures
 from metadiff_jax.data.errors import DataError
 
 SPLITS = spec_lib.SPLITS
@@ -62,6 +62,9 @@ class FewShotBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   RELEASE_NOTES = {"1.0.0": "First release."}
   # Where the files come from, shown by `python -m metadiff_jax.data build --help` and errors.
   SOURCE = ""
+  # The class of its builder configs (made per call, so a custom size can be named); None for
+  # a dataset without configs.
+  CONFIG_CLASS: type[tfds.core.BuilderConfig] | None = None
 
   def __init__(self, *, data_dir: str, manual_dir: str | None = None,
                spec: spec_lib.DatasetSpec | None = None, **kwargs):
@@ -246,14 +249,6 @@ def _open_url(url: str):
   return result["response"]
 
 
-def _md5_of(path: str) -> str:
-  digest = hashlib.md5(usedforsecurity=False)
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      digest.update(block)
-  return digest.hexdigest()
-
-
 def download_file(url: str, path: str, md5: str | None) -> str:
   """Downloads `url` to `path` once, in one bounded attempt, checking its md5.
 
@@ -274,7 +269,7 @@ def download_file(url: str, path: str, md5: str | None) -> str:
       error, or a wrong md5; nothing is left at `path`.
   """
   if os.path.isfile(path):
-    if md5 is None or _md5_of(path) == md5.lower():
+    if md5 is None or formats.file_md5(path) == md5.lower():
       return path
     logging.warning("%s does not have md5 %s; downloading it again", path, md5)
   directory = os.path.dirname(path) or "."
@@ -384,6 +379,7 @@ class ImageFolder(FewShotBuilder, skip_registration=True):
 
   name = "image_folder"
   SOURCE = "root/{train,val,test}/<class name>/<image files> (your own images)"
+  CONFIG_CLASS = ImageFolderConfig
 
   def image_shape(self):
     return (*self.builder_config.image_size, self.builder_config.channels)
@@ -418,16 +414,12 @@ def image_folder_fingerprint(root: formats.PathLike) -> dict:
   entries, files, classes = [], {}, {}
   for split in SPLITS:
     split_dir = root / split
-    names = sorted(d.name for d in split_dir.iterdir()
-                   if d.is_dir() and not d.name.startswith(".")) if split_dir.is_dir() else []
+    names = formats.image_folder.class_folders(split_dir) if split_dir.is_dir() else []
     classes[split], files[split] = len(names), 0
     for name in names:
-      for f in sorted((split_dir / name).iterdir()):
-        if (f.name.startswith(".") or f.suffix.lower() not in formats.IMAGE_EXTENSIONS
-            or not f.is_file()):
-          continue
-        st = f.stat()
-        entries.append((f"{split}/{name}/{f.name}", st.st_size, st.st_mtime_ns))
+      for file in formats.image_folder.image_files(split_dir / name):
+        st = (split_dir / name / file).stat()
+        entries.append((f"{split}/{name}/{file}", st.st_size, st.st_mtime_ns))
         files[split] += 1
   digest = hashlib.sha256(json.dumps(entries).encode()).hexdigest()
   return {"sha256": digest, "files": files, "classes": classes}
@@ -458,16 +450,47 @@ def _source_change(stored: dict | None, current: dict) -> str | None:
 
 
 @dataclasses.dataclass
-class GlyphsConfig(tfds.core.BuilderConfig):
-  """Glyph generation settings (`glyphs.generate`)."""
+class EmbeddedConfig(tfds.core.BuilderConfig):
+  """Generation settings of an embedded set (`embedded.Recipe.generate`).
 
-  num_classes: int = glyphs.DEFAULT_NUM_CLASSES
+  Attributes:
+    num_classes: None for the set's default (glyphs 640, textures 600).
+    images_per_class: images of each class.
+    image_size: side of each square image, px.
+    seed: draws the classes, their splits and every image.
+  """
+
+  num_classes: int | None = None
   images_per_class: int = 20
   image_size: int = 32
   seed: int = 0
 
 
-class Glyphs(FewShotBuilder, skip_registration=True):
+class EmbeddedBuilder(FewShotBuilder, skip_registration=True):
+  """Base of the embedded sets: generates the set of `RECIPE`, then cuts it into its splits.
+
+  The build's metadata holds the set's digest under "<name>_fingerprint" (`embedded.fingerprint`).
+  """
+
+  RECIPE: embedded.Recipe
+  CONFIG_CLASS = EmbeddedConfig
+
+  def image_shape(self):
+    size = self.builder_config.image_size
+    return (size, size, self.RECIPE.channels)
+
+  def read_splits(self, dl_manager):
+    cfg = self.builder_config
+    data = self.RECIPE.generate(num_classes=cfg.num_classes,
+                                images_per_class=cfg.images_per_class,
+                                image_size=cfg.image_size, seed=cfg.seed, progress=True)
+    digest = embedded.fingerprint(data)
+    logging.info("%s fingerprint %s", self.name, digest)
+    self.info.metadata[f"{self.name}_fingerprint"] = digest
+    return _generated_splits(data)
+
+
+class Glyphs(EmbeddedBuilder, skip_registration=True):
   """The embedded default: glyphs of many scripts rendered from matplotlib's fonts.
 
   A synthetic stand-in in the spirit of Omniglot (see docs/GLYPHS.md), not a benchmark from the
@@ -476,23 +499,24 @@ class Glyphs(FewShotBuilder, skip_registration=True):
 
   name = "glyphs"
   SOURCE = "generated from the fonts bundled with matplotlib (no download)"
-
-  def image_shape(self):
-    size = self.builder_config.image_size
-    return (size, size, 1)
-
-  def read_splits(self, dl_manager):
-    cfg = self.builder_config
-    data = glyphs.generate(num_classes=cfg.num_classes, images_per_class=cfg.images_per_class,
-                           image_size=cfg.image_size, seed=cfg.seed, progress=True)
-    logging.info("glyphs fingerprint %s", glyphs.fingerprint(data))
-    self.info.metadata["glyphs_fingerprint"] = glyphs.fingerprint(data)
-    return _generated_splits(data)
+  RECIPE = glyphs.RECIPE
 
 
-def _generated_splits(data) -> dict[str, formats.RawSplit]:
-  """A generated set (glyphs.GlyphSet, textures.TextureSet) cut into its class splits, with
-  within-split labels in the order of the global class indices."""
+class Textures(EmbeddedBuilder, skip_registration=True):
+  """The second embedded set: procedurally generated RGB texture classes.
+
+  Synthetic and harder than the glyphs (see docs/TEXTURES.md), not a benchmark from the
+  literature; it needs no download.
+  """
+
+  name = "textures"
+  SOURCE = "generated procedurally (no download)"
+  RECIPE = textures.RECIPE
+
+
+def _generated_splits(data: embedded.EmbeddedSet) -> dict[str, formats.RawSplit]:
+  """An embedded set cut into its class splits, with within-split labels in the order of the
+  global class indices."""
   raw = {}
   for split in SPLITS:
     classes = np.asarray(data.splits[split])
@@ -503,39 +527,6 @@ def _generated_splits(data) -> dict[str, formats.RawSplit]:
         images=data.images[keep], labels=relabel[data.labels[keep]],
         class_names=tuple(data.class_names[c] for c in classes))
   return raw
-
-
-@dataclasses.dataclass
-class TexturesConfig(tfds.core.BuilderConfig):
-  """Texture generation settings (`textures.generate`)."""
-
-  num_classes: int = textures.DEFAULT_NUM_CLASSES
-  images_per_class: int = 20
-  image_size: int = 32
-  seed: int = 0
-
-
-class Textures(FewShotBuilder, skip_registration=True):
-  """The second embedded set: procedurally generated RGB texture classes.
-
-  Synthetic and harder than the glyphs (see docs/TEXTURES.md), not a benchmark from the
-  literature; it needs no download.
-  """
-
-  name = "textures"
-  SOURCE = "generated procedurally (no download)"
-
-  def image_shape(self):
-    size = self.builder_config.image_size
-    return (size, size, 3)
-
-  def read_splits(self, dl_manager):
-    cfg = self.builder_config
-    data = textures.generate(num_classes=cfg.num_classes, images_per_class=cfg.images_per_class,
-                             image_size=cfg.image_size, seed=cfg.seed, progress=True)
-    logging.info("textures fingerprint %s", textures.fingerprint(data))
-    self.info.metadata["textures_fingerprint"] = textures.fingerprint(data)
-    return _generated_splits(data)
 
 
 BUILDERS: dict[str, type[FewShotBuilder]] = {
@@ -560,10 +551,8 @@ def make_builder(name: str, data_dir: str, manual_dir: str | None = None,
   """
   if name not in BUILDERS:
     raise DataError(f"unknown dataset {name!r}; known: {', '.join(BUILDERS)}")
-  config_class = {"glyphs": GlyphsConfig, "textures": TexturesConfig,
-                  "image_folder": ImageFolderConfig}.get(name)
+  config_class = BUILDERS[name].CONFIG_CLASS
   if config_class is not None:
-    # These configs are made per call (no class-level list), so a custom size can be named.
     if config is None or isinstance(config, str):
       config = config_class(name=config or "default")
     kwargs["config"] = config

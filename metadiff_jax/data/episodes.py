@@ -20,6 +20,8 @@ from __future__ import annotations
 import zlib
 from typing import NamedTuple
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from metadiff_jax.data.errors import DataError
@@ -214,9 +216,6 @@ def draw_support(table: ClassTable, key, index, ways: int, shots: int):
     (support [N*K] int32 image indices, class-major; classes [N] int32 split classes). The
     episode labels are `repeat(arange(N), K)`.
   """
-  import jax  # pylint: disable=g-import-not-at-top  (the host sampler above needs no JAX)
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-
   class_key, image_key = jax.random.split(jax.random.fold_in(key, index))
   num_classes, max_count = table.members.shape
   classes = jax.random.choice(class_key, num_classes, (ways,), replace=False)

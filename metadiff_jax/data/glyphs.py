@@ -8,7 +8,7 @@ can run anywhere. See docs/GLYPHS.md for the rules and the measured build time.
 
 The set is defined by matplotlib's bundled fonts (and FreeType, Pillow and fontTools' Unicode
 block table), so another matplotlib version may give other images; key caches on
-`fingerprint(glyph_set)`, not on the arguments of `generate`.
+`embedded.fingerprint(glyph_set)`, not on the arguments of `generate`.
 """
 
 from __future__ import annotations
@@ -16,12 +16,10 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-import hashlib
 import itertools
 import math
 import pathlib
 import re
-import sys
 import unicodedata
 
 import matplotlib
@@ -30,10 +28,8 @@ from fontTools import unicodedata as ft_unicodedata
 from matplotlib import ft2font
 from PIL import Image
 
-from metadiff_jax.data.errors import DataError
+from metadiff_jax.data import embedded
 
-SPLITS = ("train", "val", "test")
-SPLIT_FRACTIONS = (0.64, 0.16, 0.20)
 DEFAULT_NUM_CLASSES = 640  # splits 410 / 102 / 128
 
 # The regular face of each design, plus the two true italics (whose letters change shape, as the
@@ -70,24 +66,13 @@ _INK = 32  # coverage (of 255) that counts as ink when finding a glyph's extent
 _FLAGS = ft2font.LoadFlags.NO_HINTING  # hinting snaps to a pixel grid we resample anyway
 
 
-@dataclasses.dataclass(frozen=True)
-class GlyphSet:
-  """A generated set: images grouped by class, class c's images at labels == c.
+class GlyphSet(embedded.EmbeddedSet):
+  """A generated glyph set (fields as `embedded.EmbeddedSet`).
 
   Attributes:
     images: [n, H, W, 1] uint8, white glyph on a black (0) background.
-    labels: [n] int64 global class index in [0, num_classes).
     class_names: [num_classes] "U+0416 CYRILLIC CAPITAL LETTER ZHE" per class.
-    splits: "train" / "val" / "test" -> sorted global class indices; disjoint, ~64 / 16 / 20 %.
   """
-  images: np.ndarray
-  labels: np.ndarray
-  class_names: tuple[str, ...]
-  splits: dict[str, np.ndarray]
-
-  @property
-  def num_classes(self) -> int:
-    return len(self.class_names)
 
   def class_char(self, label: int) -> str:
     """The character of global class `label`."""
@@ -306,14 +291,6 @@ def _choose_classes(pool: tuple[tuple[str, tuple[str, ...]], ...], num_classes: 
   return sorted(chosen)
 
 
-def _split_classes(num_classes: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-  n_train = round(SPLIT_FRACTIONS[0] * num_classes)
-  n_val = round(SPLIT_FRACTIONS[1] * num_classes)
-  order = rng.permutation(num_classes)
-  parts = (order[:n_train], order[n_train:n_train + n_val], order[n_train + n_val:])
-  return {name: np.sort(part).astype(np.int64) for name, part in zip(SPLITS, parts)}
-
-
 def _rank3(image: np.ndarray, reduce: np.ufunc) -> np.ndarray:
   """3x3 max (dilation) or min (erosion) filter of [h, w] uint8, edges padded with 0.
 
@@ -424,112 +401,48 @@ def _draw(master: _Master, image_size: int, rng: np.random.Generator) -> np.ndar
   return image
 
 
-def generate(num_classes: int = DEFAULT_NUM_CLASSES, images_per_class: int = 20,
-             image_size: int = 32, seed: int = 0, progress: bool = False) -> GlyphSet:
-  """Builds a glyph set; the same arguments give byte-identical arrays.
-
-  Args:
-    num_classes: classes to draw from `candidate_characters()`; at most its length.
-    images_per_class: images of each class.
-    image_size: side of each square image, px.
-    seed: picks the classes, their splits, and every image's face and transform.
-    progress: print a progress line to stderr.
-
-  Returns:
-    A GlyphSet: images [num_classes * images_per_class, image_size, image_size, 1] uint8 grouped
-    by class, splits of round(0.64 n) / round(0.16 n) / the rest classes (640 -> 410 / 102 / 128).
+class GlyphRecipe(embedded.Recipe):
+  """Glyphs: a class is a character of `candidate_characters()` (so at most that many classes),
+  chosen one Unicode block in turn; an image is the character in one of the faces that draw it,
+  picked at random, with a random stroke width and affine transform. Images are at least 16 px.
   """
-  pool = candidate_characters()
-  if not 1 <= num_classes <= len(pool):
-    raise DataError(f"num_classes must be in [1, {len(pool)}], got {num_classes}")
-  if images_per_class < 1:
-    raise DataError(f"images_per_class must be positive, got {images_per_class}")
-  if image_size < 16:
-    raise DataError(f"image_size must be at least 16, got {image_size}")
-  # One stream per purpose, so changing images_per_class leaves the classes and splits alone.
-  class_rng, split_rng, image_rng = (np.random.default_rng(s)
-                                     for s in np.random.SeedSequence(seed).spawn(3))
-  chosen = [pool[i] for i in _choose_classes(pool, num_classes, class_rng)]
-  splits = _split_classes(num_classes, split_rng)
 
-  images = np.zeros((num_classes * images_per_class, image_size, image_size, 1), np.uint8)
-  for label, (char, faces) in enumerate(chosen):
+  name = "glyphs"
+  set_type = GlyphSet
+  channels = 1
+  default_num_classes = DEFAULT_NUM_CLASSES
+  min_image_size = 16
+
+  def max_num_classes(self) -> int:
+    return len(candidate_characters())
+
+  def prepare(self) -> str:
+    return f"{len(candidate_characters())} candidates"
+
+  def draw_classes(self, num_classes, rng):
+    pool = candidate_characters()
+    return [pool[i] for i in _choose_classes(pool, num_classes, rng)]
+
+  def class_name(self, label, cls):
+    return _class_name(cls[0])
+
+  def draw_images(self, cls, count, image_size, rng):
+    char, faces = cls
+    images = np.empty((count, image_size, image_size, 1), np.uint8)
     masters = {}
-    for k in range(images_per_class):
-      face = faces[image_rng.integers(len(faces))]
+    for k in range(count):
+      face = faces[rng.integers(len(faces))]
       if face not in masters:
         masters[face] = _master(face, char)
-      images[label * images_per_class + k, :, :, 0] = _draw(masters[face], image_size, image_rng)
-    if progress and ((label + 1) % 64 == 0 or label + 1 == num_classes):
-      print(f"\rglyphs: {label + 1}/{num_classes} classes", end="", file=sys.stderr, flush=True)
-  if progress:
-    print(file=sys.stderr)
-  labels = np.repeat(np.arange(num_classes, dtype=np.int64), images_per_class)
-  names = tuple(_class_name(char) for char, _ in chosen)
-  return GlyphSet(images=images, labels=labels, class_names=names, splits=splits)
+      images[k, :, :, 0] = _draw(masters[face], image_size, rng)
+    return images
 
 
-def fingerprint(glyph_set) -> str:
-  """A short hex digest of a set's images, labels, class names and splits, for cache keys.
-
-  Any set with those four fields (a `GlyphSet`, a `textures.TextureSet`) can be passed.
-  """
-  digest = hashlib.sha256()
-  digest.update(repr(glyph_set.images.shape).encode())
-  digest.update(np.ascontiguousarray(glyph_set.images, np.uint8).tobytes())
-  digest.update(np.ascontiguousarray(glyph_set.labels, "<i8").tobytes())
-  digest.update("\n".join(glyph_set.class_names).encode())
-  for name in SPLITS:
-    digest.update(name.encode())
-    digest.update(np.ascontiguousarray(glyph_set.splits[name], "<i8").tobytes())
-  return digest.hexdigest()[:16]
-
-
-def grid(glyph_set, num_classes: int = 40, images_per_class: int = 8,
-         zoom: int = 2) -> np.ndarray:
-  """A mosaic for looking at a set: evenly spaced classes in two columns of rows.
-
-  Args:
-    glyph_set: the set (or any set with images [n, H, W, C], labels and num_classes, such as
-      a `textures.TextureSet`).
-    num_classes: classes shown, spread evenly over the class indices (so over the blocks).
-    images_per_class: the first images of each class, left to right.
-    zoom: nearest-neighbour magnification.
-
-  Returns:
-    [height, width] uint8 for one channel ([height, width, C] for C), grey lines between
-    images and a wider gap between the two columns.
-  """
-  size, channels = glyph_set.images.shape[1], glyph_set.images.shape[-1]
-  per_class = len(glyph_set.labels) // glyph_set.num_classes
-  shown = np.linspace(0, glyph_set.num_classes - 1, num_classes).round().astype(int)
-  rows = (num_classes + 1) // 2
-  cell = size + 2
-  half = images_per_class * cell
-  mosaic = np.full((rows * cell, 2 * half + 3 * cell // 2, channels), 64, np.uint8)
-  for n, label in enumerate(shown):
-    top, left = (n % rows) * cell + 1, (n // rows) * (half + 3 * cell // 2) + 1
-    for k in range(min(images_per_class, per_class)):
-      image = glyph_set.images[label * per_class + k]
-      mosaic[top:top + size, left + k * cell:left + k * cell + size] = image
-  mosaic = mosaic[..., 0] if channels == 1 else mosaic
-  return mosaic.repeat(zoom, 0).repeat(zoom, 1)
+RECIPE = GlyphRecipe()
+# glyphs.generate(num_classes=640, images_per_class=20, image_size=32, seed=0) -> GlyphSet; the
+# default set's splits are 410 / 102 / 128 classes.
+generate = RECIPE.generate
 
 
 if __name__ == "__main__":
-  import argparse
-  import time
-
-  parser = argparse.ArgumentParser(description="Build the default glyph set; time it.")
-  parser.add_argument("--grid", help="write a PNG of 40 classes x 8 images here")
-  args = parser.parse_args()
-  start = time.perf_counter()
-  pool = candidate_characters()
-  middle = time.perf_counter()
-  glyphs = generate(progress=True)
-  end = time.perf_counter()
-  print(f"{len(pool)} candidates in {middle - start:.1f} s; {len(glyphs.labels)} images of "
-        f"{glyphs.num_classes} classes in {end - middle:.1f} s; fingerprint {fingerprint(glyphs)}")
-  print({name: len(classes) for name, classes in glyphs.splits.items()})
-  if args.grid:
-    Image.fromarray(grid(glyphs)).save(args.grid, optimize=True)
+  embedded.main(RECIPE)

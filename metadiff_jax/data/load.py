@@ -15,6 +15,7 @@ import os
 
 import numpy as np
 import tensorflow_datasets as tfds
+from tensorflow_datasets.proto import tf_example_pb2
 
 from metadiff_jax import metrics
 from metadiff_jax.data.errors import DataError
@@ -82,12 +83,21 @@ def dataset_dir(ref: DatasetRef) -> str:
   return os.path.join(root, max(versions)[1])
 
 
-def open_source(ref: DatasetRef, split: str):
-  """A random-access source of split `split`: len(), source[i] and source.__getitems__(idx)."""
+def open_source(ref: DatasetRef, split: str, decode: bool = True):
+  """A random-access source of split `split`: len(), source[i] and source.__getitems__(idx).
+
+  Args:
+    ref: the built dataset.
+    split: "train", "val" or "test".
+    decode: records as {"image": uint8 [H, W, C], "label": int}; False gives each record as the
+      bytes of its serialized `tf.train.Example`.
+  """
   path = dataset_dir(ref)
+  method = tfds.decode.DeserializeMethod
   try:
     builder = tfds.builder_from_directory(path)
-    sources = builder.as_data_source()
+    sources = builder.as_data_source(
+        deserialize_method=method.DESERIALIZE_AND_DECODE if decode else method.RAW_BYTES)
   except Exception as e:  # noqa: BLE001  (a damaged build: say how to rebuild)
     raise DataError(f"cannot open the built dataset in {path} ({type(e).__name__}: "
                     f"{str(e).splitlines()[0] if str(e) else ''}); delete that directory and "
@@ -156,6 +166,46 @@ def fingerprint(ref: DatasetRef) -> str:
   return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def split_labels(ref: DatasetRef, split: str, batch_size: int = 4096) -> np.ndarray:
+  """The labels of a split, in record order, read without decoding its images.
+
+  Each record's `tf.train.Example` is parsed and only its label kept: about twice as fast as
+  `load_split` and without holding the images.
+
+  Args:
+    ref: the built dataset.
+    split: "train", "val" or "test".
+    batch_size: records read per call.
+
+  Returns:
+    [n] int32 within-split class indices in [0, C), as `load_split(ref, split).labels`.
+  """
+  source = open_source(ref, split, decode=False)
+  labels = np.empty((len(source),), np.int32)
+  for i, record in _records(source, batch_size):
+    example = tf_example_pb2.Example.FromString(record)
+    labels[i] = example.features.feature["label"].int64_list.value[0]
+  _check_labels(ref, split, labels, len(class_names(ref, split)))
+  return labels
+
+
+def _records(source, batch_size: int, progress=None):
+  """(index, record) of every record of `source`, read `batch_size` at a time; `progress` (a
+  `metrics.Progress`) is advanced after each batch."""
+  for start in range(0, len(source), batch_size):
+    idx = list(range(start, min(len(source), start + batch_size)))
+    yield from zip(idx, source.__getitems__(idx))
+    if progress is not None:
+      progress.update(len(idx))
+
+
+def _check_labels(ref: DatasetRef, split: str, labels: np.ndarray, num_classes: int) -> None:
+  """Raises a DataError saying how to rebuild where a label is outside [0, num_classes)."""
+  if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+    raise DataError(f"{dataset_dir(ref)}: labels of {split} outside [0, {num_classes}); the "
+                    f"build is damaged; delete it and rebuild with: {ref.build_command()}")
+
+
 def load_split(ref: DatasetRef, split: str, batch_size: int = 1024,
                progress: bool = True) -> SplitArrays:
   """Reads a whole split into memory.
@@ -175,16 +225,11 @@ def load_split(ref: DatasetRef, split: str, batch_size: int = 1024,
   images = np.empty((n, *first["image"].shape), np.uint8)
   labels = np.empty((n,), np.int32)
   bar = metrics.Progress(n, f"reading {ref.name}/{split}", unit="img", enabled=progress)
-  for start in range(0, n, batch_size):
-    idx = list(range(start, min(n, start + batch_size)))
-    for i, record in zip(idx, source.__getitems__(idx)):
-      images[i] = record["image"]
-      labels[i] = record["label"]
-    bar.update(len(idx))
+  for i, record in _records(source, batch_size, bar):
+    images[i] = record["image"]
+    labels[i] = record["label"]
   bar.close()
   names = class_names(ref, split)
-  if n and (labels.min() < 0 or labels.max() >= len(names)):
-    raise DataError(f"{dataset_dir(ref)}: labels of {split} outside [0, {len(names)}); the build"
-                    f" is damaged; delete it and rebuild with: {ref.build_command()}")
+  _check_labels(ref, split, labels, len(names))
   return SplitArrays(images, labels, names, fingerprint(ref))
 

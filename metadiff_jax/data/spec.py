@@ -131,3 +131,23 @@ def standard_spec(name: str) -> DatasetSpec:
                        (32, 32, 3))
   raise ValueError(f"no standard spec for {name!r}; known: mini_imagenet, tiered_imagenet, "
                    "cifar_fs, fc100")
+
+
+# Per-dataset pretraining augmentations: the defaults of a config's `data.augment` section
+# (`config_lib`), read by `metadiff_jax.data.augment`. Padding 8 for 84-pixel and 4 for 32-pixel
+# images, flips and jitter 0.4 as in MetaOptNet's and RFS's pretraining; glyphs are only shifted
+# and jittered in brightness and contrast, never flipped.
+AUGMENTATIONS = {
+    "mini_imagenet": dict(crop_padding=8, flip=True, brightness=0.4, contrast=0.4,
+                          saturation=0.4),
+    "tiered_imagenet": dict(crop_padding=8, flip=True, brightness=0.4, contrast=0.4,
+                            saturation=0.4),
+    "cifar_fs": dict(crop_padding=4, flip=True, brightness=0.4, contrast=0.4, saturation=0.4),
+    "fc100": dict(crop_padding=4, flip=True, brightness=0.4, contrast=0.4, saturation=0.4),
+    "image_folder": dict(crop_padding=8, flip=True, brightness=0.4, contrast=0.4,
+                         saturation=0.4),
+    "glyphs": dict(crop_padding=2, flip=False, brightness=0.4, contrast=0.4, saturation=0.0),
+    # Flips as for natural images (a mirror keeps a texture's frequencies, sharpness and colours,
+    # though not its orientations); colour is part of a class, so its jitter stays modest.
+    "textures": dict(crop_padding=4, flip=True, brightness=0.2, contrast=0.2, saturation=0.2),
+}

@@ -9,22 +9,18 @@ build time and few-shot accuracies.
 
 Images are evaluated analytically at their pixel positions (no resampling) with numpy's random
 generator only, so the set is a pure function of the arguments of `generate` and of numpy's
-floating point; key caches on `fingerprint(texture_set)` all the same.
+floating point; key caches on `embedded.fingerprint(texture_set)` all the same.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import sys
 
 import numpy as np
 
-from metadiff_jax.data import glyphs
-from metadiff_jax.data.errors import DataError
+from metadiff_jax.data import embedded
 
-SPLITS = ("train", "val", "test")
-SPLIT_FRACTIONS = (0.64, 0.16, 0.20)
 DEFAULT_NUM_CLASSES = 600  # splits 384 / 96 / 120
 
 _SUPERSAMPLE = 2  # images are evaluated at this multiple of image_size, then box-averaged down
@@ -61,24 +57,13 @@ _CHANNEL_GAIN = 0.2  # per-channel factor, uniform in [1 - g, 1 + g]
 _NOISE = 0.12  # std of Gaussian pixel noise, in [0, 1] units
 
 
-@dataclasses.dataclass(frozen=True)
-class TextureSet:
-  """A generated set: images grouped by class, class c's images at labels == c.
+class TextureSet(embedded.EmbeddedSet):
+  """A generated texture set (fields as `embedded.EmbeddedSet`).
 
   Attributes:
     images: [n, H, W, 3] uint8 RGB.
-    labels: [n] int64 global class index in [0, num_classes).
     class_names: [num_classes] "texture_0007: 3 gratings, warped, stripes, 2 colours" per class.
-    splits: "train" / "val" / "test" -> sorted global class indices; disjoint, ~64 / 16 / 20 %.
   """
-  images: np.ndarray
-  labels: np.ndarray
-  class_names: tuple[str, ...]
-  splits: dict[str, np.ndarray]
-
-  @property
-  def num_classes(self) -> int:
-    return len(self.class_names)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -259,78 +244,31 @@ def _draw_images(texture: _Texture, count: int, image_size: int,
   return np.rint(np.clip(rgb, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
-def _split_classes(num_classes: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-  n_train = round(SPLIT_FRACTIONS[0] * num_classes)
-  n_val = round(SPLIT_FRACTIONS[1] * num_classes)
-  order = rng.permutation(num_classes)
-  parts = (order[:n_train], order[n_train:n_train + n_val], order[n_train + n_val:])
-  return {name: np.sort(part).astype(np.int64) for name, part in zip(SPLITS, parts)}
+class TextureRecipe(embedded.Recipe):
+  """Textures: a class is a random `_Texture`, an image a fresh instance of it (`_draw_images`).
+  Images are at least 8 px."""
+
+  name = "textures"
+  set_type = TextureSet
+  channels = 3
+  default_num_classes = DEFAULT_NUM_CLASSES
+  min_image_size = 8
+
+  def draw_classes(self, num_classes, rng):
+    return [_draw_texture(rng) for _ in range(num_classes)]
+
+  def class_name(self, label, cls):
+    return cls.name(label)
+
+  def draw_images(self, cls, count, image_size, rng):
+    return _draw_images(cls, count, image_size, rng)
 
 
-def generate(num_classes: int = DEFAULT_NUM_CLASSES, images_per_class: int = 20,
-             image_size: int = 32, seed: int = 0, progress: bool = False) -> TextureSet:
-  """Builds a texture set; the same arguments give byte-identical arrays.
-
-  Args:
-    num_classes: random textures to draw.
-    images_per_class: images of each class.
-    image_size: side of each square image, px.
-    seed: draws the classes, their splits, and every image's transform, jitter and noise.
-    progress: print a progress line to stderr.
-
-  Returns:
-    A TextureSet: images [num_classes * images_per_class, image_size, image_size, 3] uint8
-    grouped by class, splits of round(0.64 n) / round(0.16 n) / the rest classes
-    (600 -> 384 / 96 / 120).
-  """
-  if num_classes < 1:
-    raise DataError(f"num_classes must be positive, got {num_classes}")
-  if images_per_class < 1:
-    raise DataError(f"images_per_class must be positive, got {images_per_class}")
-  if image_size < 8:
-    raise DataError(f"image_size must be at least 8, got {image_size}")
-  # One stream per purpose, so changing images_per_class leaves the classes and splits alone.
-  class_rng, split_rng, image_rng = (np.random.default_rng(s)
-                                     for s in np.random.SeedSequence(seed).spawn(3))
-  textures = [_draw_texture(class_rng) for _ in range(num_classes)]
-  splits = _split_classes(num_classes, split_rng)
-
-  images = np.empty((num_classes * images_per_class, image_size, image_size, 3), np.uint8)
-  for label, texture in enumerate(textures):
-    start = label * images_per_class
-    images[start:start + images_per_class] = _draw_images(texture, images_per_class, image_size,
-                                                          image_rng)
-    if progress and ((label + 1) % 60 == 0 or label + 1 == num_classes):
-      print(f"\rtextures: {label + 1}/{num_classes} classes", end="", file=sys.stderr,
-            flush=True)
-  if progress:
-    print(file=sys.stderr)
-  labels = np.repeat(np.arange(num_classes, dtype=np.int64), images_per_class)
-  names = tuple(texture.name(label) for label, texture in enumerate(textures))
-  return TextureSet(images=images, labels=labels, class_names=names, splits=splits)
-
-
-# The set's digest and mosaic are the glyph set's: they read only images, labels, class names
-# and splits.
-fingerprint = glyphs.fingerprint
-grid = glyphs.grid
+RECIPE = TextureRecipe()
+# textures.generate(num_classes=600, images_per_class=20, image_size=32, seed=0) -> TextureSet;
+# the default set's splits are 384 / 96 / 120 classes.
+generate = RECIPE.generate
 
 
 if __name__ == "__main__":
-  import argparse
-  import time
-
-  from PIL import Image
-
-  parser = argparse.ArgumentParser(description="Build the default texture set; time it.")
-  parser.add_argument("--grid", help="write a PNG of 40 classes x 8 images here")
-  args = parser.parse_args()
-  start = time.perf_counter()
-  textures = generate(progress=True)
-  end = time.perf_counter()
-  print(f"{len(textures.labels)} images of {textures.num_classes} classes in {end - start:.1f} s;"
-        f" fingerprint {fingerprint(textures)}")
-  print({name: len(classes) for name, classes in textures.splits.items()})
-  if args.grid:
-    # An adaptive 256-colour palette: the noisy RGB mosaic is 2.3x smaller than in true colour.
-    Image.fromarray(grid(textures)).quantize(256).save(args.grid, optimize=True)
+  embedded.main(RECIPE)

@@ -39,11 +39,7 @@ class ANIL(base.MetaOptimizer):
   init_std: float = 0.01
 
   trainable: ClassVar[bool] = True
-
-  def __post_init__(self):
-    super().__post_init__()
-    if self.init_learning_rate <= 0:
-      raise ValueError(f"ANIL.init_learning_rate must be > 0, got {self.init_learning_rate}")
+  intervals: ClassVar[dict[str, str]] = {"init_learning_rate": "(0, inf)"}
 
   def init(self, key) -> dict:
     """{"init": [N, Dw] w_0, "log_lr": scalar log(eta)}."""

@@ -27,6 +27,19 @@ from flax.training import train_state
 from metadiff_jax import heads, prototypes
 
 
+# The intervals of the fields every method has; a method's `intervals` adds its own.
+FIELD_INTERVALS = {"ways": "[1, inf)", "feature_dim": "[1, inf)", "steps": "[0, inf)"}
+
+
+def lies_in(value: float, interval: str) -> bool:
+  """Whether `value` lies in `interval`, written as "[0, 1)": a bracket includes its end, a
+  parenthesis excludes it, and inf stands for no bound."""
+  low, high = (float(end) for end in interval[1:-1].split(","))
+  above = value >= low if interval[0] == "[" else value > low
+  below = value <= high if interval[-1] == "]" else value < high
+  return above and below
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MetaOptimizer:
   """Fields every method has; subclasses add their hyperparameters and the two methods.
@@ -40,6 +53,8 @@ class MetaOptimizer:
     first_order: drop the second-order terms (stop_gradient on the inner gradients); off by
       default, as the unrolled baselines of the paper differentiate through them.
     trainable: (class attribute) whether `init` returns anything to meta-train.
+    intervals: (class attribute) the interval each of a subclass's hyperparameters must lie
+      in, checked on construction as those of the fields above (`FIELD_INTERVALS`).
   """
 
   head: str
@@ -50,18 +65,17 @@ class MetaOptimizer:
   first_order: bool = False
 
   trainable: ClassVar[bool] = False
+  intervals: ClassVar[dict[str, str]] = {}
 
   def __post_init__(self):
     heads.check_head(self.head)
     if self.reduction not in prototypes.REDUCTIONS:
       raise ValueError(f"unknown reduction {self.reduction!r}: use one of "
                        f"{prototypes.REDUCTIONS}")
-    for name in ("ways", "feature_dim"):
-      if getattr(self, name) < 1:
-        raise ValueError(f"{type(self).__name__}.{name} must be >= 1, got "
-                         f"{getattr(self, name)}")
-    if self.steps < 0:
-      raise ValueError(f"{type(self).__name__}.steps must be >= 0, got {self.steps}")
+    for name, interval in {**FIELD_INTERVALS, **self.intervals}.items():
+      value = getattr(self, name)
+      if not lies_in(value, interval):
+        raise ValueError(f"{type(self).__name__}.{name} must lie in {interval}, got {value}")
 
   @property
   def weight_shape(self) -> tuple[int, int]:

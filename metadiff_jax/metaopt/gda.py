@@ -35,11 +35,7 @@ class GDA(base.MetaOptimizer):
   init_std: float = 1.0
 
   trainable: ClassVar[bool] = False
-
-  def __post_init__(self):
-    super().__post_init__()
-    if not 0.0 <= self.momentum < 1.0:
-      raise ValueError(f"GDA.momentum must lie in [0, 1), got {self.momentum}")
+  intervals: ClassVar[dict[str, str]] = {"momentum": "[0, 1)"}
 
   def init(self, key) -> dict:
     del key  # nothing to meta-learn

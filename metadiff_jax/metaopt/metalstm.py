@@ -78,12 +78,7 @@ class MetaLSTM(base.MetaOptimizer):
   preprocess_p: float = 10.0
 
   trainable: ClassVar[bool] = True
-
-  def __post_init__(self):
-    super().__post_init__()
-    if not 0.0 < self.learning_rate < 1.0:
-      raise ValueError(f"MetaLSTM.learning_rate is a sigmoid gate: it must lie in (0, 1), got "
-                       f"{self.learning_rate}")
+  intervals: ClassVar[dict[str, str]] = {"learning_rate": "(0, 1)"}  # a sigmoid gate's value
 
   def init(self, key) -> dict:
     """{"lstm": first layer, "input_gate", "forget_gate": {"kernel" [H + 2], "bias"}, "theta0"}."""

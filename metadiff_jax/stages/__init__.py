@@ -21,11 +21,10 @@ import logging
 import os
 import time
 
-from metadiff_jax import config_lib, mesh
+from metadiff_jax import checks, config_lib, mesh
 from metadiff_jax import workdir as workdir_lib
 from metadiff_jax.data import augment
-from metadiff_jax.stages import (analysis, common, evaluate, pretrain, prototypes, stability,
-                                 train)
+from metadiff_jax.stages import analysis, evaluate, pretrain, prototypes, stability, train
 
 STAGES = {"pretrain": pretrain.stage, "prototypes": prototypes.stage, "train": train.stage,
           "eval": evaluate.stage, "analysis": analysis.stage, "stability": stability.stage}
@@ -39,14 +38,14 @@ def run(config, workdir: str) -> None:
   a field that affects outputs already there, and checks every episode setting against the
   dataset. Only then is config.json written. docs/WORKDIR.md says what is allowed.
   """
-  config_lib.check(config)
+  checks.check(config)
   config = augment.with_build_statistics(config)
-  root = common.prepare_workdir(workdir)
+  root = workdir_lib.prepare_workdir(workdir)
   with workdir_lib.guard(config, root):
     logging.info("devices: %s", mesh.describe())
-    common.log_config(config)
-    if common.is_writer():
-      common.write_json(os.path.join(root, config_lib.WORKDIR_CONFIG), config.to_dict())
+    logging.info("config:\n%s", config)
+    if mesh.is_writer():
+      workdir_lib.write_json(os.path.join(root, config_lib.WORKDIR_CONFIG), config.to_dict())
     for name in config_lib.stages_of(config):
       start = time.time()
       logging.info("stage %s: starting", name)

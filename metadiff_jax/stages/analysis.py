@@ -41,14 +41,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from metadiff_jax import (config_lib, diffusion, heads, mesh, metaopt, metrics, prototypes,
-                          schedule)
+from metadiff_jax import (config_lib, diffusion_training, embedding, evaluator, mesh, metaopt,
+                          metrics, rng)
+from metadiff_jax import method as method_lib
+from metadiff_jax import workdir as workdir_lib
 from metadiff_jax.data import episodes as episodes_lib
 from metadiff_jax.data import features
-from metadiff_jax.stages import baselines, common
-from metadiff_jax.stages import evaluate
-from metadiff_jax.stages import prototypes as prototypes_stage
-from metadiff_jax.stages import train as train_stage
+from metadiff_jax.stages import baselines
 from metadiff_jax.train_state import DiffusionState, adam_l2, diffusion_step
 
 # The paper's figures (Zhang et al. 2024, Tables 2-4: miniImageNet, 5-way, ResNet12), as
@@ -81,7 +80,7 @@ UNROLLED = ("anil", "metalstm", "alfa")  # the bi-level baselines (Figure 4)
 
 
 def analysis_dir(workdir: str) -> str:
-  return common.stage_dir(workdir, "analysis")
+  return workdir_lib.stage_dir(workdir, "analysis")
 
 
 def shots_of(config) -> tuple[int, ...]:
@@ -93,9 +92,9 @@ def stage(config, workdir: str) -> dict:
   a = config.analysis
   root = os.path.abspath(os.path.expanduser(workdir))
   out = analysis_dir(root)
-  base, val, test = (common.diffusion_features(config, common.split_features(config, root, s))
-                     for s in ("train", "val", "test"))
-  targets = prototypes_stage.diffusion_targets(config, root, base)
+  base, val, test = (embedding.diffusion_features(
+      config, workdir_lib.pretrained_features(config, root, s)) for s in ("train", "val", "test"))
+  targets = workdir_lib.diffusion_targets(config, root, base)
   data = _Data(config, base, val, test, targets)
   parts = set(a.parts)
   results = {}
@@ -104,25 +103,26 @@ def stage(config, workdir: str) -> dict:
   summary = {"dataset": config.data.name, "backbone": config.backbone.name,
              "ways": config.eval.ways, "episodes": _test_episodes(config),
              "feature_dim": int(base.features.shape[1])}
-  if common.is_writer():
+  if mesh.is_writer():
     for name, (title, rows) in TABLES.items():
       if name in parts:
         table = table_markdown(config, title, rows, results)
         _write_text(os.path.join(out, f"{name}.md"), table)
-        common.write_json(os.path.join(out, f"{name}.json"),
+        workdir_lib.write_json(os.path.join(out, f"{name}.json"),
                           {**summary, "rows": {r: {str(k): results[k].get(r) for k in results}
                                                for r, _ in rows}})
         print(table, flush=True)
-  if "fig5" in parts and common.is_writer():
+  if "fig5" in parts and mesh.is_writer():
     curves = {k: results[k]["trajectory"] for k in results}
-    common.write_json(os.path.join(out, "fig5_convergence.json"), {**summary, "curves": curves})
+    workdir_lib.write_json(os.path.join(out, "fig5_convergence.json"),
+                           {**summary, "curves": curves})
     _write_text(os.path.join(out, "fig5_convergence.md"), convergence_markdown(curves))
     plot_convergence(curves, os.path.join(out, "fig5_convergence.png"),
                      f"{config.data.name}, {config.eval.ways}-way, test episodes")
   if "fig4" in parts:
     memory = memory_curves(config, data)
-    if common.is_writer():
-      common.write_json(os.path.join(out, "fig4_memory.json"), {**summary, **memory})
+    if mesh.is_writer():
+      workdir_lib.write_json(os.path.join(out, "fig4_memory.json"), {**summary, **memory})
       _write_text(os.path.join(out, "fig4_memory.md"), memory_markdown(memory))
       plot_memory(memory, os.path.join(out, "fig4_memory.png"))
   return results
@@ -160,18 +160,18 @@ def analyse_shot(config, root: str, shots: int, data: _Data, parts: set) -> dict
   results = {}
   # The eval stage's sampling key: MetaDiff's rows reproduce its numbers, and every method
   # that starts from Gaussian weights starts episode i from the same draw.
-  test_key = common.key(config, "sampling", 2)
+  test_key = rng.key(config, "sampling", 2)
   common_settings = {"shots": shots, "ways": e.ways, "queries": e.queries, "episodes": count,
                      "seed": config.seed, "features": data.test.key}
 
   def cached(row, settings, compute):
-    return common.cached_result(os.path.join(out, f"{row}.json"),
+    return workdir_lib.cached_result(os.path.join(out, f"{row}.json"),
                                 {**common_settings, **settings}, compute,
                                 f"analysis {shots}-shot {row}")
 
   if "class_means" in wanted:
-    results["class_means"] = cached("class_means", {}, lambda: evaluate.summarize(
-        _prototype_accuracy(data.test_dev, test_sampler, count, a.batch_episodes)))
+    results["class_means"] = cached("class_means", {}, lambda: metrics.summarize(
+        evaluator.class_mean_accuracy(data.test_dev, test_sampler, count, a.batch_episodes)))
   for row in ("gda", "gda_momentum"):
     if row in wanted:
       results[row] = cached(row, {"grid": _gda_grid(a), "momentum": _momentum(a, row),
@@ -214,28 +214,17 @@ def make_method(config, row: str, feature_dim: int):
   return metaopt.make(name, **fields)
 
 
-def _prototype_accuracy(features_dev, sampler, count: int, batch: int) -> np.ndarray:
-  """[count] accuracy of class-mean prototypes (10 x cosine) on the sampler's episodes."""
-  batch = mesh.padded_size(min(batch, count))
-  out = []
-  for start in range(0, count, batch):
-    arrays = common.sharded_episodes(sampler, start, batch)[:4]
-    acc = common.prototype_accuracy(features_dev, *arrays, ways=sampler.ways)
-    out.append(mesh.to_host(acc)[:min(batch, count - start)])
-  return np.concatenate(out)
-
-
 def _gda_row(config, data, row, shots, val_sampler, test_sampler, count, key) -> dict:
   a = config.analysis
   make = functools.partial(metaopt.make, "gda", head="prototype", ways=config.eval.ways,
                            feature_dim=data.dim, momentum=_momentum(a, row),
                            init_std=float(a.init_std))
-  val_key = common.key(config, "sampling", 1)
+  val_key = rng.key(config, "sampling", 1)
   method, tuning = baselines.tune_gda(make, _gda_grid(a), data.val_dev, val_sampler,
                                       a.val_episodes, a.batch_episodes, val_key)
   acc = baselines.run_episodes(method, {}, data.test_dev, test_sampler, count,
                                a.batch_episodes, key, desc=f"test {shots}-shot {row}")
-  return {**evaluate.summarize(acc), "tuning": tuning}
+  return {**metrics.summarize(acc), "tuning": tuning}
 
 
 def _unrolled_row(config, root, row, method, shots, data, val_sampler, test_sampler, count,
@@ -244,10 +233,10 @@ def _unrolled_row(config, root, row, method, shots, data, val_sampler, test_samp
   a = config.analysis
   out = os.path.join(analysis_dir(root), f"{shots}shot", row)
   tag = 100 * UNROLLED.index(row.replace("linear_", "")) + (row.startswith("linear_"))
-  keys = {"init": common.key(config, "analysis", tag, shots, 0),
-          "episodes": common.key(config, "episodes", shots),  # MetaDiff's training episodes
-          "train": common.key(config, "analysis", tag, shots, 1),
-          "val": common.key(config, "sampling", 1)}
+  keys = {"init": rng.key(config, "analysis", tag, shots, 0),
+          "episodes": rng.key(config, "episodes", shots),  # MetaDiff's training episodes
+          "train": rng.key(config, "analysis", tag, shots, 1),
+          "val": rng.key(config, "sampling", 1)}
   settings = {"method": dataclasses.asdict(method), "meta_steps": a.meta_steps,
               "meta_episodes_per_step": a.meta_episodes_per_step,
               "meta_learning_rate": a.meta_learning_rate, "queries": a.queries,
@@ -263,7 +252,7 @@ def _unrolled_row(config, root, row, method, shots, data, val_sampler, test_samp
     untrained = baselines.run_episodes(
         method, method.init(keys["init"]), data.test_dev, test_sampler, count,
         a.batch_episodes, key, desc=f"test {shots}-shot {row} untrained")
-    return {**evaluate.summarize(acc), "untrained": evaluate.summarize(untrained),
+    return {**metrics.summarize(acc), "untrained": metrics.summarize(untrained),
             "training": meta}
 
   return cached(row, settings, compute)
@@ -287,29 +276,27 @@ def variant_workdir(root: str, row: str) -> str:
 
 
 def _metadiff_denoiser(config, root, row, shots, data):
-  """(model, EMA variables) of a MetaDiff row, trained first if it has not been."""
+  """(variant config, method, EMA variables) of a MetaDiff row, trained first if it has not
+  been."""
   variant = variant_config(config, row)
   where = variant_workdir(root, row)
   if variant.denoiser.unet:
-    train_stage.train_shot(variant, where, shots, data.base, data.targets, data.val)
-  model, state, _, _ = evaluate.load_denoiser(variant, where, shots, data.dim)
-  return variant, model, {"params": state.ema_params}
+    diffusion_training.train_shot(variant, where, shots, data.base, data.targets, data.val)
+  metadiff, state, _, _ = workdir_lib.load_denoiser(variant, where, shots, data.dim)
+  return variant, metadiff, {"params": state.ema_params}
 
 
 def _metadiff_row(config, root, row, shots, data, sampler, count, key, cached) -> dict:
-  variant, model, variables = _metadiff_denoiser(config, root, row, shots, data)
+  variant, metadiff, variables = _metadiff_denoiser(config, root, row, shots, data)
   settings = {"denoiser": features.variables_fingerprint(variables),
-              "sampler": evaluate._sampler_settings(variant),  # pylint: disable=protected-access
+              "sampler": method_lib.sampler_settings(variant),
               "head": variant.denoiser.head, "gradient": variant.denoiser.gradient,
               "unet": variant.denoiser.unet}
 
   def compute():
-    m = evaluate.run_episodes(model, variables, schedule.for_sampling(variant), data.test_dev,
-                              sampler, count, config.eval.batch_episodes, key,
-                              desc=f"test {shots}-shot {row}",
-                              **evaluate.sampler_options(variant),
-                              **evaluate.metric_options(variant))
-    return {**evaluate.summarize(m["accuracy"]), "norm_ratio": float(np.mean(m["norm_ratio"])),
+    m = metadiff.evaluate(variables, data.test_dev, sampler, count, config.eval.batch_episodes,
+                          key, desc=f"test {shots}-shot {row}")
+    return {**metrics.summarize(m["accuracy"]), "norm_ratio": float(np.mean(m["norm_ratio"])),
             "support_loss": float(np.mean(m["support_loss"]))}
 
   return cached(row, settings, compute)
@@ -317,75 +304,35 @@ def _metadiff_row(config, root, row, shots, data, sampler, count, key, cached) -
 
 # ----------------------------------------------------------------------------- Figure 5
 
-@functools.partial(jax.jit, static_argnames=("model", "ways", "every", "update"))
-def trajectory_metrics(model, variables, sched, features_dev, support_idx, support_labels,
-                       query_idx, query_labels, index, key, ways: int, every: int,
-                       update: str = "original"):
-  """Query accuracy, support loss and weight norm of each episode along the reverse trajectory.
-
-  The sampler is `episode_metrics`'s (w_T of episode i from fold_in(key, i); `update` the
-  reverse update, config.diffusion.sampler), keeping the weights every `every` steps.
-
-  Returns:
-    A dict of [B, K // every + 1] arrays, entry j after j * every reverse steps (the last is
-    the sampler's output): "accuracy", "support_loss" (mean over the support set) and "norm"
-    (the mean norm of the weights' rows); and "reference_norm" [B], that of the support class
-    means, and "w0" [B, N, W], the output.
-  """
-  support, query = features.gather(features_dev, support_idx, query_idx)
-  head = getattr(model, "head", "prototype")
-  w_T = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i),
-                                             (ways, model.feature_dim)))(index)
-  w0, trajectory = diffusion.sample_batch(model, variables, sched, w_T, support,
-                                          support_labels, trajectory_every=every,
-                                          sampler=update,
-                                          noise_keys=evaluate.episode_noise_keys(key, index))
-
-  def per_episode(traj, s, s_labels, q, q_labels):
-    acc = jax.vmap(lambda w: heads.accuracy(head, w, q, q_labels))(traj)
-    loss = jax.vmap(lambda w: heads.support_loss(head, w, s, s_labels, "mean"))(traj)
-    return acc, loss
-
-  acc, loss = jax.vmap(per_episode)(trajectory, support, support_labels, query, query_labels)
-  means = jax.vmap(prototypes.class_means, (0, 0, None))(support, support_labels, ways)
-  return {"accuracy": acc, "support_loss": loss,
-          "norm": jnp.mean(jnp.linalg.norm(trajectory, axis=-1), axis=-1),
-          "reference_norm": jnp.mean(jnp.linalg.norm(means, axis=-1), axis=-1), "w0": w0}
-
-
 def _trajectory(config, root, shots, data, sampler, count, key, cached) -> dict:
   """Figure 5's curve for K shots: mean accuracy and support loss against reverse steps."""
-  variant, model, variables = _metadiff_denoiser(config, root, "metadiff", shots, data)
-  sched = schedule.for_sampling(variant)
+  variant, metadiff, variables = _metadiff_denoiser(config, root, "metadiff", shots, data)
+  model, sched = metadiff.model, metadiff.sample_schedule
   every = int(config.analysis.trajectory_every)
   if sched.num_steps % every:
     every = 1
   settings = {"denoiser": features.variables_fingerprint(variables), "every": every,
-              "sampler": evaluate._sampler_settings(variant)}  # pylint: disable=protected-access
+              "sampler": method_lib.sampler_settings(variant)}
 
   def compute():
-    batch = mesh.padded_size(min(config.eval.batch_episodes, count))
-    accs, losses, ratios = [], [], []
-    with metrics.Progress(count, f"trajectory {shots}-shot", unit="episode",
-                          enabled=common.is_writer()) as bar:
-      for start in range(0, count, batch):
-        arrays = common.sharded_episodes(sampler, start, batch)
-        m = trajectory_metrics(model, variables, sched, data.test_dev, *arrays, key,
-                               ways=sampler.ways, every=every,
-                               update=variant.diffusion.sampler)
-        keep = min(batch, count - start)
-        accs.append(mesh.to_host(m["accuracy"])[:keep])
-        losses.append(mesh.to_host(m["support_loss"])[:keep])
-        ratios.append(mesh.to_host(m["norm"] / m["reference_norm"][:, None])[:keep])
-        bar.update(keep)
-    # float64 means, as `evaluate.summarize` takes them: the last point is the MetaDiff row.
-    acc = np.concatenate(accs).astype(np.float64)
-    loss = np.concatenate(losses).astype(np.float64)
+    def trajectory(e):
+      m = method_lib.trajectory_metrics(model, variables, sched, data.test_dev, e.support,
+                                        e.support_labels, e.query, e.query_labels, e.index,
+                                        key, ways=sampler.ways, every=every,
+                                        update=variant.diffusion.sampler)
+      return {"accuracy": m["accuracy"], "support_loss": m["support_loss"],
+              "norm_ratio": m["norm"] / m["reference_norm"][:, None]}
+
+    m = evaluator.evaluate_episodes(trajectory, sampler, count, config.eval.batch_episodes,
+                                    desc=f"trajectory {shots}-shot", progress=True)
+    # float64 means, as `metrics.summarize` takes them: the last point is the MetaDiff row.
+    acc = m["accuracy"].astype(np.float64)
+    loss = m["support_loss"].astype(np.float64)
     steps = [int(j * every) for j in range(acc.shape[1])]
     return {"steps": steps, "accuracy": acc.mean(0).tolist(),
             "accuracy_ci95": (1.96 * acc.std(0) / np.sqrt(len(acc))).tolist(),
             "support_loss": loss.mean(0).tolist(), "n": len(acc),
-            "norm_ratio": np.concatenate(ratios).astype(np.float64).mean(0).tolist(),
+            "norm_ratio": m["norm_ratio"].astype(np.float64).mean(0).tolist(),
             "num_sampling_steps": sched.num_steps}
 
   return cached("trajectory", settings, compute)
@@ -470,8 +417,8 @@ def memory_curves(config, data: _Data) -> dict:
       mib.append(metaopt.train_step_memory(method, episodes, shots, int(a.queries)) / 2**20)
     curves[row] = mib
     logging.info("analysis: Figure 4 %s: %s MiB", row, ", ".join(f"{m:.2f}" for m in mib))
-  model = train_stage.denoiser(config, data.dim)
-  sched = schedule.from_config(config)
+  metadiff = method_lib.MetaDiff.from_config(config, data.dim)
+  model, sched = metadiff.model, metadiff.train_schedule
   metadiff = diffusion_step_memory(model, sched, int(config.train.episodes_per_step), ways,
                                    shots, model.feature_dim, data.dim) / 2**20
   curves["metadiff"] = [metadiff] * len(a.memory_inner_steps)

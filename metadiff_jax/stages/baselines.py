@@ -9,11 +9,12 @@ MetaDiff:
 - `train_method`: the bi-level baselines (ANIL, MetaLSTM, ALFA) are meta-trained on base
   episodes drawn on the device (`episodes.draw_episode`: N classes, K support and Q query
   images each), by differentiating the query loss through the unrolled inner loop. Steps run
-  `steps_per_call` at a time in one `lax.scan`; every `val_every_steps` the validation accuracy
-  is measured and the best meta-parameters are kept, with checkpoints that resume.
+  `steps_per_call` at a time in one `lax.scan` (`training_loop.run`); every `val_every_steps`
+  the validation accuracy is measured and the best meta-parameters are kept, with checkpoints
+  that resume.
 - `run_episodes`: per-episode test accuracy of a method on host-drawn episodes
   (`episodes.EpisodeSampler`), the episode batch split over the data mesh as the eval stage
-  does; the initial weights of episode i come from fold_in(key, i).
+  does (`evaluator.evaluate_episodes`); the initial weights of episode i come from fold_in(key, i).
 """
 
 from __future__ import annotations
@@ -27,11 +28,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from metadiff_jax import checkpoint, mesh, metaopt, metrics
+from metadiff_jax import checkpoint, evaluator, mesh, metaopt, training_loop
 from metadiff_jax.data import episodes as episodes_lib
 from metadiff_jax.data import features
-from metadiff_jax.errors import TrainingError
-from metadiff_jax.stages import common
 
 
 @functools.partial(jax.jit, static_argnames=("method",))
@@ -48,17 +47,10 @@ def run_episodes(method, params, features_dev, sampler: episodes_lib.EpisodeSamp
                  count: int, batch: int, key, desc: str = "episodes",
                  progress: bool = True) -> np.ndarray:
   """[count] accuracies of episodes 0..count-1 of `sampler`, `batch` at a time."""
-  batch = mesh.padded_size(min(batch, count))
-  out = []
-  with metrics.Progress(count, desc, unit="episode",
-                        enabled=progress and common.is_writer()) as bar:
-    for start in range(0, count, batch):
-      arrays = common.sharded_episodes(sampler, start, batch)
-      acc = episode_accuracy(method, params, features_dev, *arrays, key)
-      keep = min(batch, count - start)
-      out.append(mesh.to_host(acc)[:keep])
-      bar.update(keep)
-  return np.concatenate(out)
+  return evaluator.evaluate_episodes(
+      lambda e: episode_accuracy(method, params, features_dev, e.support, e.support_labels,
+                                 e.query, e.query_labels, e.index, key),
+      sampler, count, batch, desc=desc, progress=progress)
 
 
 def tune_gda(make, grid: dict, val_dev, val_sampler, count: int, batch: int, key):
@@ -140,65 +132,37 @@ def train_method(method, out: str, settings, base_dev, table, val_dev, val_sampl
     (the best meta-parameters, their metadata {"best_val_accuracy", "best_step"}).
   """
   a = settings
+
+  def steps(state, step, count):
+    del step  # the steps draw their episodes and randomness from state.step
+    return train_steps(method, state, base_dev, table, keys["episodes"], keys["train"], count,
+                       a.meta_episodes_per_step, val_sampler.shots, a.queries)
+
+  def validate(step, state):
+    acc = float(np.mean(run_episodes(method, state.params, val_dev, val_sampler,
+                                     a.val_episodes, a.batch_episodes, keys["val"],
+                                     progress=False)))
+    logging.info("analysis %s: step %d, validation accuracy %.4f", name, step, acc)
+    return training_loop.Validation(score=acc, metrics={"val_accuracy": acc},
+                                    best_metadata={"val_accuracy": acc},
+                                    best_meta={"best_step": step})
+
   state = mesh.replicate(metaopt.create_state(method, keys["init"], a.meta_learning_rate))
   latest = checkpoint.Checkpoints(os.path.join(out, "checkpoints"), max_to_keep=1)
   best = checkpoint.Checkpoints(os.path.join(out, "best"), max_to_keep=1)
-  meta = {"best_val_accuracy": -1.0, "best_step": -1}
   try:
-    state, meta = common.restore_latest(latest, state, meta, out, f"analysis {name}")
-    step = int(state.step)
-    if step >= a.meta_steps and best.latest_step() is not None:
-      best_state, _ = best.restore(state)
-      return best_state.params, meta
-    writer = metrics.MetricWriter(out, enabled=common.is_writer(), resume_step=step)
-
-    def validate_and_save(step, state, meta):
-      acc = run_episodes(method, state.params, val_dev, val_sampler, a.val_episodes,
-                         a.batch_episodes, keys["val"], progress=False)
-      acc = float(np.mean(acc))
-      writer.write(step, {"val_accuracy": acc})
-      logging.info("analysis %s: step %d, validation accuracy %.4f", name, step, acc)
-      if acc > meta["best_val_accuracy"]:
-        meta = dict(meta, best_val_accuracy=acc, best_step=step)
-        best.save(step, state, {"val_accuracy": acc})
-      latest.save(step, state, meta)
-      return meta
-
-    if step == 0:  # the untrained method is a candidate too
-      meta = validate_and_save(0, state, meta)
-    window = []
-    bar = metrics.Progress(a.meta_steps, f"meta-train {name}", initial=step, unit="step")
-    try:
-      while step < a.meta_steps:
-        count = min(a.steps_per_call, a.meta_steps - step)
-        state, losses = train_steps(method, state, base_dev, table, keys["episodes"],
-                                    keys["train"], count, a.meta_episodes_per_step,
-                                    val_sampler.shots, a.queries)
-        losses = np.asarray(losses)
-        if not np.all(np.isfinite(losses)):
-          raise TrainingError(
-              f"the meta-training loss of {name} became {losses[~np.isfinite(losses)][0]} "
-              f"near step {step + count}; lower config.analysis.meta_learning_rate (the best "
-              f"checkpoint so far is kept in {out}/best)")
-        previous, step = step, step + count
-        bar.update(count, loss=f"{losses.mean():.4f}")
-        window.append(losses)
-        crossed = lambda every: every and step // every > previous // every
-        if crossed(a.log_every_steps) or step == a.meta_steps:
-          writer.write(step, {"loss": float(np.concatenate(window).mean())})
-          window = []
-        if crossed(a.val_every_steps) or step == a.meta_steps:
-          meta = validate_and_save(step, state, meta)
-    finally:
-      bar.close()
-      writer.close()
-    best_state, _ = best.restore(state)  # its metadata is the validation accuracy alone
+    result = training_loop.run(
+        steps, state, validate, run_dir=out, name=f"meta-train {name}",
+        schedule=training_loop.Schedule(
+            steps=a.meta_steps, steps_per_call=a.steps_per_call, log_every=a.log_every_steps,
+            validate_every=a.val_every_steps, validate_first=True),
+        latest=latest, best=best, meta={"best_val_accuracy": -1.0, "best_step": -1},
+        loss_name=f"the meta-training loss of {name}",
+        advice="lower config.analysis.meta_learning_rate",
+        plot=training_loop.Plot(("loss", "val_accuracy"), f"meta-training {name}",
+                                logy_keys=("loss",)))
+    best_state, _ = best.restore(result.state)  # its metadata is the validation accuracy alone
   finally:
     latest.close()
     best.close()
-  if common.is_writer():
-    records = metrics.read_jsonl(os.path.join(out, "metrics.jsonl"))
-    metrics.plot_curves(records, ["loss", "val_accuracy"], os.path.join(out, "curves.png"),
-                        title=f"meta-training {name}", logy_keys=("loss",))
-  return best_state.params, meta
-
+  return best_state.params, result.meta

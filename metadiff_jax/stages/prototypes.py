@@ -22,54 +22,17 @@ import os
 import jax
 import numpy as np
 
-from metadiff_jax import mesh, metrics
+from metadiff_jax import embedding, mesh, metrics, rng
+from metadiff_jax import workdir as workdir_lib
 from metadiff_jax.data import augment, features
 from metadiff_jax.errors import StageError
-from metadiff_jax.stages import common
-
-TARGETS_FILE = "targets.npz"
-
-
-def targets_path(workdir: str) -> str:
-  return os.path.join(common.stage_dir(workdir, "prototypes"), TARGETS_FILE)
-
-
-def load_targets(workdir: str, feature_set: features.FeatureSet) -> np.ndarray:
-  """[C, D] targets written for these base features, or a StageError naming the stage to run."""
-  path = targets_path(workdir)
-  if not os.path.exists(path):
-    raise StageError(f"no diffusion targets in {path}; run the prototypes stage first "
-                     "(--config.stages=\"('prototypes', 'train')\")")
-  with np.load(path) as f:
-    targets, key = f["targets"], str(f["feature_key"])
-  if key != feature_set.key:
-    raise StageError(f"the targets in {path} were computed from other features ({key}) than "
-                     f"the current base features ({feature_set.key}); rerun the prototypes "
-                     "stage")
-  bad = features.non_finite_rows(targets)
-  if bad:  # the stage refuses to write such targets, so the file was damaged since
-    raise StageError(f"the diffusion targets in {path} hold NaN or infinite values in {bad} of "
-                     f"{len(targets)} classes; delete that file and rerun the prototypes stage")
-  return targets
-
-
-def diffusion_targets(config, workdir: str, base: features.FeatureSet) -> np.ndarray:
-  """[C, D] the targets of the base features as the diffusion sees them
-  (`common.diffusion_features`): this stage's file, or, for rescaled features, their class
-  means (computed here: a pass over the cache)."""
-  if config.diffusion.feature_rms is None:
-    return load_targets(workdir, base)
-  if not os.path.exists(targets_path(workdir)):  # the stage that caches the features
-    raise StageError(f"no diffusion targets in {targets_path(workdir)}; run the prototypes "
-                     "stage first (--config.stages=\"('prototypes', 'train')\")")
-  return np.asarray(features.class_means(base.features, base.labels, base.num_classes))
 
 
 def augmented_class_means(config, module, variables, data, passes: int) -> np.ndarray:
   """[C, D] class means over `passes` augmented passes of the split's images."""
-  aug = common.augment_config(config)
+  aug = embedding.augment_config(config)
   batch = config.pretrain.embed_batch_size
-  base_key = common.key(config, "prototypes")
+  base_key = rng.key(config, "prototypes")
 
   @jax.jit
   def embed_augmented(variables, images, key):
@@ -97,12 +60,12 @@ def augmented_class_means(config, module, variables, data, passes: int) -> np.nd
 
 def stage(config, workdir: str) -> None:
   """Embeds the splits with the frozen backbone and writes the base-class targets."""
-  module, variables = common.pretrained_backbone(config, workdir)
-  base = common.split_features(config, workdir, "train", module, variables)
+  module, variables = workdir_lib.pretrained_backbone(config, workdir)
+  base = embedding.split_features(config, workdir, "train", module, variables)
   for split in ("val", "test"):
-    common.split_features(config, workdir, split, module, variables)
+    embedding.split_features(config, workdir, split, module, variables)
   passes = int(config.prototypes.augmented_passes)
-  path = targets_path(workdir)
+  path = workdir_lib.targets_path(workdir)
   if os.path.exists(path):
     with np.load(path) as f:
       if str(f["feature_key"]) == base.key and int(f["augmented_passes"]) == passes:
@@ -112,11 +75,11 @@ def stage(config, workdir: str) -> None:
     targets = np.asarray(features.class_means(base.features, base.labels, base.num_classes))
   else:
     targets = augmented_class_means(config, module, variables,
-                                    common.load_split(config, "train"), passes)
+                                    embedding.load_split(config, "train"), passes)
   if not np.all(np.isfinite(targets)):
     raise StageError("the diffusion targets contain NaN or infinite values; check the "
                      "pretrained backbone (rerun the pretrain stage)")
-  if common.is_writer():
+  if mesh.is_writer():
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}.npz"
     np.savez(tmp, targets=targets, feature_key=base.key, augmented_passes=passes,

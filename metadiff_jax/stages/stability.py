@@ -17,10 +17,10 @@ config.stability.learning_rates too:
    same variant untrained, with the norm ratio (the sampled prototypes' mean norm over that of
    the support class means; far above 1: the sampler diverged);
 3. diagnostics of its last checkpoint: the norm ratio and the accuracy along the reverse
-   trajectory (`analysis.trajectory_metrics`) beside the norm an on-track trajectory would
+   trajectory (`method.trajectory_metrics`) beside the norm an on-track trajectory would
    have, sqrt(abar_t |m|^2 + (1 - abar_t) W) per row (the forward process's marginal from the
    class means), and the held-out noise error per range of steps
-   (`evaluate.noise_error_table`);
+   (`method.noise_error_table`);
 4. the training-length curve: the validation accuracy and norm ratio at every validation.
 
 Beside them, class-mean prototypes on the same episodes. Outputs, in WORKDIR/stability/:
@@ -36,12 +36,11 @@ import os
 import jax
 import numpy as np
 
-from metadiff_jax import checkpoint, config_lib, mesh, metrics, schedule
+from metadiff_jax import (checkpoint, config_lib, diffusion_training, embedding, evaluator, mesh,
+                          method, metrics, rng)
+from metadiff_jax import workdir as workdir_lib
 from metadiff_jax.data import episodes as episodes_lib
 from metadiff_jax.data import features
-from metadiff_jax.stages import analysis, common, evaluate
-from metadiff_jax.stages import prototypes as prototypes_stage
-from metadiff_jax.stages import train as train_stage
 
 # What each variant changes in the paper's Eq. 7-12 (docs/STABILITY.md says why).
 DESCRIPTIONS = {
@@ -69,7 +68,7 @@ DESCRIPTIONS = {
 
 
 def stability_dir(workdir: str) -> str:
-  return common.stage_dir(workdir, "stability")
+  return workdir_lib.stage_dir(workdir, "stability")
 
 
 def shots_of(config) -> tuple[int, ...]:
@@ -119,7 +118,8 @@ def denoiser_dir(root: str, vconfig, shots: int) -> str:
 def stage(config, workdir: str) -> dict:
   """Runs every row of the study; writes the tables, plots and JSON."""
   root = os.path.abspath(os.path.expanduser(workdir))
-  raw = {split: common.split_features(config, root, split) for split in ("train", "val", "test")}
+  raw = {split: workdir_lib.pretrained_features(config, root, split)
+         for split in ("train", "val", "test")}
   results = {shots: study_shot(config, root, shots, raw) for shots in shots_of(config)}
   out = stability_dir(root)
   summary = {"dataset": config.data.name, "builder_config": config.data.builder_config,
@@ -127,8 +127,8 @@ def stage(config, workdir: str) -> dict:
              "episodes": _episodes(config), "feature_dim": int(raw["train"].features.shape[1]),
              "learning_rate": float(config.train.learning_rate),
              "descriptions": DESCRIPTIONS}
-  if common.is_writer():
-    common.write_json(os.path.join(out, "stability.json"),
+  if mesh.is_writer():
+    workdir_lib.write_json(os.path.join(out, "stability.json"),
                       {**summary, "results": {str(k): v for k, v in results.items()}})
     text = report_markdown(config, results)
     with open(os.path.join(out, "stability.md"), "w") as f:
@@ -152,18 +152,18 @@ def study_shot(config, root: str, shots: int, raw: dict) -> dict:
   # The same episodes for every row: the labels do not depend on how features are scaled.
   sampler = episodes_lib.EpisodeSampler(raw["test"].labels, e.ways, shots, e.queries,
                                         config.seed, "test")
-  key = common.key(config, "sampling", 2)  # the eval stage's: the same w_T per episode
+  key = rng.key(config, "sampling", 2)  # the eval stage's: the same w_T per episode
   common_settings = {"shots": shots, "ways": e.ways, "queries": e.queries, "episodes": count,
                      "seed": config.seed, "features": raw["test"].key}
 
   def cached(row, settings, compute):
-    return common.cached_result(os.path.join(out, f"{row.replace('@', '_')}.json"),
+    return workdir_lib.cached_result(os.path.join(out, f"{row.replace('@', '_')}.json"),
                                 {**common_settings, **settings}, compute,
                                 f"stability {shots}-shot {row}")
 
-  results = {"class_means": cached("class_means", {}, lambda: evaluate.summarize(
-      analysis._prototype_accuracy(  # pylint: disable=protected-access
-          mesh.replicate(raw["test"].features), sampler, count, e.batch_episodes)))}
+  results = {"class_means": cached("class_means", {}, lambda: metrics.summarize(
+      evaluator.class_mean_accuracy(mesh.replicate(raw["test"].features), sampler, count,
+                                    e.batch_episodes)))}
   for row, variant, rate in rows_of(config):
     results[row] = variant_row(config, root, variant, rate, shots, raw, sampler, count, key,
                                cached)
@@ -174,7 +174,7 @@ def variant_row(config, root, variant, rate, shots, raw, sampler, count, key, ca
   """Trains (or resumes) one row's denoiser and measures it (see the module docstring)."""
   s = config.stability
   vconfig = variant_config(config, variant, rate)
-  data = {split: common.diffusion_features(vconfig, fs) for split, fs in raw.items()}
+  data = {split: embedding.diffusion_features(vconfig, fs) for split, fs in raw.items()}
   dim = int(data["train"].features.shape[1])
   where = denoiser_dir(root, vconfig, shots)
   if vconfig.denoiser.unet:
@@ -183,12 +183,13 @@ def variant_row(config, root, variant, rate, shots, raw, sampler, count, key, ca
     # denoiser, whichever of them runs first.
     trainer = vconfig.copy_and_resolve_references()
     trainer.diffusion.sampler = "original"
-    targets = prototypes_stage.diffusion_targets(vconfig, root, data["train"])
-    train_stage.train_shot(trainer, where, shots, data["train"], targets, data["val"])
-  model, best, init, _ = evaluate.load_denoiser(vconfig, where, shots, dim)
+    targets = workdir_lib.diffusion_targets(vconfig, root, data["train"])
+    diffusion_training.train_shot(trainer, where, shots, data["train"], targets, data["val"])
+  metadiff, best, init, _ = workdir_lib.load_denoiser(vconfig, where, shots, dim)
+  model = metadiff.model
   last = _last_state(where, shots, init)
   states = {"best": best.ema_params, "last": last.ema_params, "untrained": init.params}
-  sampler_settings = evaluate._sampler_settings(vconfig)  # pylint: disable=protected-access
+  sampler_settings = method.sampler_settings(vconfig)
   settings = {"variant": variant, "learning_rate": rate, "steps": int(vconfig.train.steps),
               "sampler": sampler_settings,
               "denoisers": {k: features.variables_fingerprint(v) for k, v in states.items()},
@@ -196,18 +197,16 @@ def variant_row(config, root, variant, rate, shots, raw, sampler, count, key, ca
               "diagnostics": [int(s.diagnostic_episodes), int(s.diagnostic_buckets)]}
 
   def compute():
-    sched = schedule.for_sampling(vconfig)
-    options = {**evaluate.sampler_options(vconfig), **evaluate.metric_options(vconfig)}
+    sched = metadiff.sample_schedule
     test_dev = mesh.replicate(data["test"].features)
     result = {"description": DESCRIPTIONS.get(variant, ""),
               "best_step": int(best.step),
               "last_step": int(last.step)}
     for name, params in states.items():
-      m = evaluate.run_episodes(model, {"params": params}, sched, test_dev, sampler, count,
-                                config.eval.batch_episodes, key,
-                                desc=f"stability {shots}-shot {variant} {name}",
-                                **options)
-      result[name] = {**evaluate.summarize(m["accuracy"]),
+      m = metadiff.evaluate({"params": params}, test_dev, sampler, count,
+                            config.eval.batch_episodes, key,
+                            desc=f"stability {shots}-shot {variant} {name}")
+      result[name] = {**metrics.summarize(m["accuracy"]),
                       "norm_ratio": float(np.mean(m["norm_ratio"])),
                       "support_loss": float(np.mean(m["support_loss"])),
                       "class_means": float(np.mean(m["prototype_accuracy"]))}
@@ -218,17 +217,17 @@ def variant_row(config, root, variant, rate, shots, raw, sampler, count, key, ca
     if s.diagnostic_episodes and model.head == "prototype":
       test = data["test"]
       targets = np.asarray(features.class_means(test.features, test.labels, test.num_classes))
-      tables = {name: evaluate.noise_error_table(
-          model, {"params": states[name]}, schedule.from_config(vconfig), test, targets,
+      tables = {name: method.noise_error_table(
+          model, {"params": states[name]}, metadiff.train_schedule, test, targets,
           sampler, min(count, int(s.diagnostic_episodes)), config.eval.batch_episodes,
-          common.key(config, "sampling", 3), int(s.diagnostic_buckets))
+          rng.key(config, "sampling", 3), int(s.diagnostic_buckets))
                 for name in ("last", "untrained")}
       result["noise_error"] = {"steps": tables["last"]["steps"], "n": tables["last"]["n"],
                                "last": tables["last"]["model"],
                                "untrained": tables["untrained"]["model"],
                                "zero": tables["last"]["zero"],
                                "support_means": tables["last"]["support_means"]}
-    records = metrics.read_jsonl(os.path.join(train_stage.run_dir(where, shots),
+    records = metrics.read_jsonl(os.path.join(workdir_lib.train_dir(where, shots),
                                               "metrics.jsonl"))
     result["training"] = {
         "steps": [r["step"] for r in records if "val_accuracy" in r],
@@ -247,7 +246,7 @@ def _last_state(where: str, shots: int, init):
   """The denoiser's last checkpoint (its EMA parameters are what "last" reports)."""
   if not jax.tree_util.tree_leaves(init.params):
     return init
-  store = checkpoint.Checkpoints(os.path.join(train_stage.run_dir(where, shots), "checkpoints"),
+  store = checkpoint.Checkpoints(os.path.join(workdir_lib.train_dir(where, shots), "checkpoints"),
                                  max_to_keep=2)
   try:
     state, _ = store.restore(init)
@@ -261,18 +260,15 @@ def _trajectory(vconfig, model, variables, sched, test_dev, sampler, count, key,
   """Mean accuracy and norm ratio along the reverse trajectory, with the on-track norm."""
   if sched.num_steps % every:
     every = 1
-  batch = mesh.padded_size(min(vconfig.eval.batch_episodes, count))
-  acc, norm, ref = [], [], []
-  for start in range(0, count, batch):
-    arrays = common.sharded_episodes(sampler, start, batch)
-    m = analysis.trajectory_metrics(model, variables, sched, test_dev, *arrays, key,
-                                    ways=sampler.ways, every=every,
-                                    update=vconfig.diffusion.sampler)
-    keep = min(batch, count - start)
-    acc.append(mesh.to_host(m["accuracy"])[:keep])
-    norm.append(mesh.to_host(m["norm"])[:keep])
-    ref.append(mesh.to_host(m["reference_norm"])[:keep])
-  acc, norm, ref = (np.concatenate(x).astype(np.float64) for x in (acc, norm, ref))
+  def trajectory(e):
+    m = method.trajectory_metrics(model, variables, sched, test_dev, e.support,
+                                  e.support_labels, e.query, e.query_labels, e.index, key,
+                                  ways=sampler.ways, every=every,
+                                  update=vconfig.diffusion.sampler)
+    return {name: m[name] for name in ("accuracy", "norm", "reference_norm")}
+
+  m = evaluator.evaluate_episodes(trajectory, sampler, count, vconfig.eval.batch_episodes)
+  acc, norm, ref = (m[name].astype(np.float64) for name in ("accuracy", "norm", "reference_norm"))
   k = sched.num_steps
   taken = np.arange(norm.shape[1]) * every
   # After n reverse steps the weights should be at the noise level of step K - 1 - n
