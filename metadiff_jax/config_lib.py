@@ -40,6 +40,10 @@ from metadiff_jax.errors import ConfigError, UserError
 STAGES = ("pretrain", "prototypes", "train", "eval")
 OPTIONAL_STAGES = ("analysis", "stability")
 ANALYSIS_PARTS = ("table2", "table3", "table4", "fig4", "fig5")
+# The rows of the analysis tables (`stages.analysis.TABLES`): the reference, the baselines of
+# Table 2, and MetaDiff with its ablations of Tables 3-4.
+ANALYSIS_ROWS = ("class_means", "gda", "gda_momentum", "anil", "metalstm", "alfa", "metadiff",
+                 "cosine_ce", "no_unet", "linear_alfa", "linear_metadiff")
 DTYPES = ("float32", "bfloat16")
 PRECISIONS = ("default", "high", "highest")
 
@@ -260,6 +264,9 @@ def base_config(dataset: str = "glyphs", backbone: str = "conv4") -> ml_collecti
   config.analysis = ml_collections.ConfigDict(dict(
       # What to produce: any of table2, table3, table4, fig4, fig5.
       parts=ANALYSIS_PARTS,
+      # Which rows of those tables to compute (any of ANALYSIS_ROWS); None: every row. A row
+      # left out prints as "—".
+      rows=config_dict.placeholder(tuple),
       shots=config_dict.placeholder(tuple),  # None: the eval stage's shots
       episodes=config_dict.placeholder(int),  # test episodes; None: eval.episodes
       batch_episodes=100,
@@ -515,6 +522,11 @@ def _check_analysis(config) -> None:
   if unknown or not a.parts:
     raise ConfigError(f"config.analysis.parts must name some of {', '.join(ANALYSIS_PARTS)}, "
                       f"got {tuple(a.parts)!r}")
+  if a.rows is not None:
+    unknown = [r for r in a.rows if r not in ANALYSIS_ROWS]
+    if unknown or not a.rows:
+      raise ConfigError(f"config.analysis.rows must name some of {', '.join(ANALYSIS_ROWS)} "
+                        f"(or be None for all), got {tuple(a.rows)!r}")
   for field, low in (("inner_steps", 1), ("meta_steps", 0), ("meta_episodes_per_step", 1),
                      ("queries", 1), ("steps_per_call", 1), ("val_episodes", 1),
                      ("batch_episodes", 1), ("trajectory_every", 1), ("log_every_steps", 1),

@@ -7,6 +7,7 @@ about a minute or two on two CPU cores.
 
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -14,9 +15,10 @@ import numpy as np
 import pytest
 
 import near_ties
-from tiny_pipeline import (TINY_OVERRIDES, assert_written, episode_scores, finished_run,
-                           parse_command, run_tiny)
-from metadiff_jax import method, schedule, tcunet
+from tiny_pipeline import (TINY_OVERRIDES, assert_written, command_error, episode_scores,
+                           finished_run, parse_command, run_tiny)
+from metadiff_jax import config_lib, method, schedule, tcunet
+from metadiff_jax.stages import analysis
 
 TINY_ANALYSIS = [
     "--config.analysis.episodes=16", "--config.analysis.batch_episodes=8",
@@ -118,6 +120,35 @@ def test_a_second_run_reuses_every_result(analysed, data_dir):
   for name, text in before.items():
     if name != "fig4_memory.json":  # compiled again (cheap), same numbers expected
       assert open(os.path.join(workdir, "analysis", name)).read() == text, name
+
+
+def test_the_rows_the_config_names_are_the_rows_computed(analysed, data_dir, tmp_path):
+  """`analysis.rows` picks rows: those named are the full run's numbers, the rest "—"."""
+  workdir, _ = analysed
+  copy = str(tmp_path / "workdir")
+  shutil.copytree(workdir, copy, symlinks=True)
+  shutil.rmtree(os.path.join(copy, "analysis", "1shot", "gda"), ignore_errors=True)
+  for name in ("gda", "gda_momentum", "anil", "metalstm", "alfa"):
+    path = os.path.join(copy, "analysis", "1shot", f"{name}.json")
+    if os.path.exists(path):
+      os.remove(path)  # so that computing one of them again would show
+  config = parse_command(f"--config=configs/{COMMAND}", f"--config.data.data_dir={data_dir}",
+                         *TINY_OVERRIDES, *TINY_ANALYSIS, "--config.analysis.parts=('table2',)",
+                         "--config.analysis.rows=('class_means', 'metadiff')")
+  results = analysis.stage(config, copy)
+  assert set(results[1]) == {"class_means", "metadiff"}
+  full = json.load(open(os.path.join(workdir, "analysis", "table2.json")))["rows"]
+  picked = json.load(open(os.path.join(copy, "analysis", "table2.json")))["rows"]
+  for row in ("class_means", "metadiff"):
+    assert picked[row]["1"]["mean"] == full[row]["1"]["mean"], row
+  assert picked["gda"]["1"] is None and picked["alfa"]["1"] is None
+  assert not os.path.exists(os.path.join(copy, "analysis", "1shot", "gda.json"))
+  assert "| (i) GDA | — |" in open(os.path.join(copy, "analysis", "table2.md")).read()
+  # Every row the tables show is one the config can name, and a misspelt one is refused.
+  assert {r for _, rows in analysis.TABLES.values() for r, _ in rows} == set(
+      config_lib.ANALYSIS_ROWS)
+  assert "config.analysis.rows must name some of" in command_error(
+      f"--config=configs/{COMMAND}", "--config.analysis.rows=('gdaa',)")
 
 
 def test_trajectory_last_point_is_the_sampler_output():

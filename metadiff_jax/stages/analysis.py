@@ -157,6 +157,8 @@ def analyse_shot(config, root: str, shots: int, data: _Data, parts: set) -> dict
   for name, (_, rows) in TABLES.items():
     if name in parts:
       wanted.update(r for r, _ in rows)
+  if a.rows is not None:
+    wanted &= set(a.rows)
   results = {}
   # The eval stage's sampling key: MetaDiff's rows reproduce its numbers, and every method
   # that starts from Gaussian weights starts episode i from the same draw.
