@@ -28,8 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from metadiff_jax import (diffusion, embedding, evaluator, method, metrics, prototypes, rng,
-                          schedule)
+from metadiff_jax import diffusion, embedding, method, metrics, prototypes, schedule
 from metadiff_jax import workdir as workdir_lib
 from metadiff_jax.data import episodes as episodes_lib
 
@@ -66,7 +65,7 @@ def trajectory_accuracy(model, variables, sched, features_dev, eps, key, ways, e
     support = jnp.take(features_dev, support_idx, axis=0)
     query = jnp.take(features_dev, query_idx, axis=0)
     dim = features_dev.shape[-1]
-    w_T = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), (ways, dim)))(index)
+    w_T = method.episode_w_T(key, index, ways, dim)
     _, trajectory = diffusion.sample_batch(
         model, variables, sched, w_T, support, support_labels, trajectory_every=every,
         sampler=update, noise_keys=method.episode_noise_keys(key, index))
@@ -102,16 +101,15 @@ def main():
   e = config.eval
   sampler = episodes_lib.EpisodeSampler(test.labels, e.ways, args.shots, e.queries,
                                         config.seed, "test")
-  key = rng.key(config, "sampling", 2)  # the eval stage's starting noise
+  key = metadiff.key("sampling", 2)  # the eval stage's starting noise
   full = metadiff.train_schedule
   features_dev = jnp.asarray(test.features)
 
   respaced = []
   for k in [int(x) for x in args.steps.split(",") if int(x) <= full.num_steps]:
     respaced_method = dataclasses.replace(metadiff, sample_schedule=schedule.respace(full, k))
-    run = lambda m=respaced_method: evaluator.evaluate_episodes(
-        lambda eps: m.classify(variables, features_dev, eps, key, sampler.ways), sampler,
-        args.episodes, args.batch_episodes)
+    run = lambda m=respaced_method: m.evaluate(variables, features_dev, sampler, args.episodes,
+                                               args.batch_episodes, key, progress=False)
     run()  # compiles
     start = time.perf_counter()
     m = run()

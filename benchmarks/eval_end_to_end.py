@@ -2,9 +2,9 @@
 
 Runs the pipeline's own evaluation path on synthetic data of a benchmark's size: the
 test split's uint8 images embedded by the backbone (`features.embed` with the eval stage's
-`embedding.embed_fn`), then `evaluator.evaluate_episodes` of `method.episode_metrics`: N-way
-K-shot Q-query episodes from the `EpisodeSampler`, the full T-step MetaDiff sampler (`diffusion.sample_batch`) on every
-episode, and the query accuracy of the denoised prototypes. Timed warm (after a first call
+`embedding.embed_fn`), then `method.run_episodes` (`method.episode_metrics` over the mesh):
+N-way K-shot Q-query episodes from the `EpisodeSampler`, the full T-step MetaDiff sampler
+(`diffusion.sample_batch`) on every episode, and the query accuracy of the denoised prototypes. Timed warm (after a first call
 that compiles), with the compile time reported apart.
 
 The baseline, in the same process, is the original test script's structure: one episode at a
@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from metadiff_jax import (backbones, diffusion, embedding, evaluator, mesh, method, prototypes,
+from metadiff_jax import (backbones, diffusion, embedding, mesh, method, prototypes,
                           schedule, tcunet)
 from metadiff_jax.data import augment, episodes as episodes_lib, features
 
@@ -98,13 +98,9 @@ def main():
     start = time.perf_counter()
     feats = features.embed(embed, backbone_vars, images, args.embed_batch, progress=False)
     embedded = time.perf_counter()
-    features_dev = mesh.replicate(feats)
-    m = evaluator.evaluate_episodes(
-        lambda eps: method.episode_metrics(model, denoiser_vars, sched, features_dev,
-                                           eps.support, eps.support_labels, eps.query,
-                                           eps.query_labels, eps.index, key, args.ways,
-                                           dtype=dtype),
-        sampler, args.episodes, args.batch_episodes)
+    m = method.run_episodes(model, denoiser_vars, sched, mesh.replicate(feats), sampler,
+                            args.episodes, args.batch_episodes, key, progress=False,
+                            dtype=dtype)
     done = time.perf_counter()
     return feats, m, embedded - start, done - embedded
 
@@ -119,8 +115,7 @@ def main():
   # The baseline on the first few episodes, on the same features.
   baseline = one_episode_loop(model, denoiser_vars, sched)
   eps = sampler.batch(0, max(args.baseline_episodes, 1))
-  w_T = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), (args.ways, dim)))(
-      jnp.asarray(eps.index, jnp.int32))
+  w_T = method.episode_w_T(key, jnp.asarray(eps.index, jnp.int32), args.ways, dim)
   support = jnp.asarray(feats[eps.support])
   query = jnp.asarray(feats[eps.query])
   jax.block_until_ready(baseline(w_T[0], support[0], jnp.asarray(eps.support_labels[0])))

@@ -22,10 +22,9 @@ import functools
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from metadiff_jax import mesh, metrics, prototypes
+from metadiff_jax import heads, mesh, metrics, prototypes
 from metadiff_jax.data import episodes as episodes_lib
 from metadiff_jax.data import features
 
@@ -100,8 +99,7 @@ def prototype_accuracy(features_dev, support_idx, support_labels, query_idx, que
   """
   support, query = features.gather(features_dev, support_idx, query_idx)
   protos = jax.vmap(prototypes.class_means, (0, 0, None))(support, support_labels, ways)
-  logits = prototypes.cosine_logits(query, protos, scale=10.0)
-  return jnp.mean(jnp.argmax(logits, -1) == query_labels, axis=-1)
+  return jax.vmap(functools.partial(heads.accuracy, "prototype"))(protos, query, query_labels)
 
 
 def class_mean_accuracy(features_dev, sampler: episodes_lib.EpisodeSampler, count: int,

@@ -230,7 +230,7 @@ def import_checkpoint(workdir, checkpoint: Optional[str] = None, head: Optional[
         raise ImportCheckpointError(
             f"{workdir} already holds another backbone (pretrain/best); choose an empty "
             "--workdir (nothing there was changed)")
-      summary["reused"].append(os.path.join(workdir, "pretrain", "best"))
+      summary["reused"].append(workdir_lib.backbone_dir(workdir))
     summary["backbone"] = {"from": backbone_path, "arch": arch, "name": config.backbone.name,
                            "widths": list(widths), "activate_last": chosen.activate_last,
                            "source": chosen.source}
@@ -279,7 +279,7 @@ def import_checkpoint(workdir, checkpoint: Optional[str] = None, head: Optional[
         raise ImportCheckpointError(
             f"{workdir} already holds another {shots}-shot head (train_{shots}shot/best); "
             "choose an empty --workdir (nothing there was changed)")
-      summary["reused"].append(os.path.join(workdir, f"train_{shots}shot", "best"))
+      summary["reused"].append(os.path.join(workdir_lib.train_dir(workdir, shots), "best"))
     summary["head"] = {"from": head_path, "shots": shots, "use_ema": bool(use_ema),
                        "feature_dim": sizes["feature_dim"],
                        "hidden_dims": list(sizes["hidden_dims"]),
@@ -296,7 +296,7 @@ def import_checkpoint(workdir, checkpoint: Optional[str] = None, head: Optional[
   if backbone_path and existing["backbone"] is None:
     state = pretraining.initial_state(config, shape, num_images, num_base)
     state = mesh.replicate(pretraining.with_backbone(state, variables))
-    directory = os.path.join(workdir, "pretrain", "best")
+    directory = workdir_lib.backbone_dir(workdir)
     with checkpoint_lib.Checkpoints(directory, max_to_keep=1) as store:
       store.save(1, state, {"imported_from": backbone_path, "done": True,
                             "image_shape": list(shape), "arch": arch,
@@ -304,7 +304,7 @@ def import_checkpoint(workdir, checkpoint: Optional[str] = None, head: Optional[
     summary["written"].append(directory)
   if head_path and shots not in trained:
     state = mesh.replicate(_head_state(config, feature_dim, params))
-    directory = os.path.join(workdir, f"train_{shots}shot", "best")
+    directory = os.path.join(workdir_lib.train_dir(workdir, shots), "best")
     with checkpoint_lib.Checkpoints(directory, max_to_keep=1) as store:
       store.save(1, state, {"imported_from": head_path, "use_ema": bool(use_ema)})
     summary["written"].append(directory)
@@ -535,7 +535,7 @@ def _existing(workdir: str) -> dict:
       out["config"] = config_lib.load_workdir_config(workdir)
     except UserError:
       out["config"] = None
-  saved = checkpoint_lib.read_latest(os.path.join(workdir, "pretrain", "best"))
+  saved = checkpoint_lib.read_latest(workdir_lib.backbone_dir(workdir))
   if saved is not None:
     state, meta = saved
     out["backbone"] = (pretraining.backbone_variables(state), meta)

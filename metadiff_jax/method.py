@@ -152,6 +152,12 @@ def sampler_options(config) -> dict:
           "update": d.sampler}
 
 
+def episode_w_T(key, index, ways: int, dim: int):
+  """[B, N, W] starting weights w_T ~ N(0, I) of episodes `index`, w_T of episode i drawn from
+  fold_in(key, i): every row and diagnostic of episode i starts from the same draw."""
+  return jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), (ways, dim)))(index)
+
+
 def episode_noise_keys(key, index):
   """[B] keys of the "ddpm" sampler's noise in episodes `index` (w_T is drawn from
   fold_in(key, i); the noise from fold_in(fold_in(key, i), 1))."""
@@ -200,8 +206,7 @@ def episode_metrics(model, variables, sched, features_dev, support_idx, support_
       key, ways, dtype, precision, update)
 
   def accuracy(w, head):
-    logits = heads.logits(head, w, query)
-    return jnp.mean(jnp.argmax(logits, -1) == query_labels, axis=-1)
+    return jax.vmap(functools.partial(heads.accuracy, head))(w, query, query_labels)
 
   def mean_norm(w):
     return jnp.mean(jnp.linalg.norm(w, axis=-1), axis=-1)
@@ -228,7 +233,7 @@ def sampled_weights(model, variables, sched, features_dev, support_idx, support_
   head = getattr(model, "head", "prototype")
   support, query = features.gather(features_dev, support_idx, query_idx)
   dim = heads.weight_dim(head, features_dev.shape[-1])
-  w_T = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), (ways, dim)))(index)
+  w_T = episode_w_T(key, index, ways, dim)
   w0 = diffusion.sample_batch(model, variables, sched, w_T, support, support_labels,
                               dtype=dtype, precision=precision, sampler=update,
                               noise_keys=episode_noise_keys(key, index))
@@ -315,6 +320,14 @@ def bucket_noise_error(model, variables, sched, features_dev, targets_dev, suppo
   return {k: jnp.stack(v) for k, v in out.items()}
 
 
+def _on_devices(feature_set):
+  """The features of a `features.FeatureSet` replicated on the devices; an array that is
+  already there as it is."""
+  if isinstance(feature_set, features.FeatureSet):
+    return mesh.replicate(feature_set.features)
+  return feature_set
+
+
 def run_episodes(model, variables, sched, feature_set, sampler: episodes_lib.EpisodeSampler,
                  count: int, batch: int, key, desc: str = "episodes", progress: bool = True,
                  dtype=None, precision=None, linear_fit=None,
@@ -331,10 +344,7 @@ def run_episodes(model, variables, sched, feature_set, sampler: episodes_lib.Epi
     linear_fit = linear_fit or default_linear_fit()
   else:
     linear_fit = None  # unused: one compiled program whatever the caller passes
-  if isinstance(feature_set, features.FeatureSet):
-    features_dev = mesh.replicate(feature_set.features)
-  else:
-    features_dev = feature_set
+  features_dev = _on_devices(feature_set)
   return evaluator.evaluate_episodes(
       lambda e: episode_metrics(model, variables, sched, features_dev, e.support,
                                 e.support_labels, e.query, e.query_labels, e.index, key,
@@ -348,13 +358,15 @@ def noise_error_table(model, variables, sched, feature_set, targets, sampler, co
   """`bucket_noise_error` over episodes 0..count-1 of `sampler`, averaged per range.
 
   Args:
-    feature_set: the split's `features.FeatureSet`; targets: [C, W] its class targets.
+    feature_set: the split's `features.FeatureSet`, or its features already on the devices;
+      targets: [C, W] its class targets.
     sampler: an `episodes.EpisodeSampler` of the split.
 
   Returns:
     {"steps": [[lo, hi), ...], "model", "zero", "support_means": [buckets] means, "n"}.
   """
-  features_dev, targets_dev = mesh.replicate((feature_set.features, np.asarray(targets)))
+  features_dev = _on_devices(feature_set)
+  targets_dev = mesh.replicate(np.asarray(targets))
   # bucket_noise_error's values are [buckets, B]: episodes on the leading axis for the evaluator.
   parts = evaluator.evaluate_episodes(
       lambda e: {name: value.T for name, value in bucket_noise_error(
@@ -385,8 +397,7 @@ def trajectory_metrics(model, variables, sched, features_dev, support_idx, suppo
   """
   support, query = features.gather(features_dev, support_idx, query_idx)
   head = getattr(model, "head", "prototype")
-  w_T = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i),
-                                             (ways, model.feature_dim)))(index)
+  w_T = episode_w_T(key, index, ways, model.feature_dim)
   w0, trajectory = diffusion.sample_batch(model, variables, sched, w_T, support,
                                           support_labels, trajectory_every=every,
                                           sampler=update,
@@ -406,8 +417,7 @@ def trajectory_metrics(model, variables, sched, features_dev, support_idx, suppo
 
 def default_linear_fit() -> tuple[int, float]:
   """The linear head's norm-ratio reference fit (steps, l2) of the default config."""
-  p = config_lib.base_config().prototypes
-  return int(p.linear_fit_steps), float(p.linear_fit_l2)
+  return metric_options(config_lib.base_config())["linear_fit"]
 
 
 def variant_settings(config) -> dict:
@@ -479,11 +489,6 @@ class MetaDiff:
     """The key of `purpose` (`rng.KEY_TAGS`) under the run's seed, integers folded in."""
     return rng.seed_key(self.seed, purpose, *fold)
 
-  @property
-  def options(self) -> dict:
-    """The sampler's and the metrics' options, as `episode_metrics` takes them."""
-    return {**self.sampler, "linear_fit": self.linear_fit}
-
   def init(self, shots: int) -> DiffusionState:
     """The K-shot denoiser's train state at step 0, replicated (no parameters w/o UNet)."""
     model, ways = self.model, self.ways
@@ -534,9 +539,40 @@ class MetaDiff:
                batch: int, key, *, desc: str = "episodes",
                progress: bool = True) -> dict[str, np.ndarray]:
     """`classify` on episodes 0..count-1 of `sampler`, `batch` at a time over the data mesh
-    (`run_episodes`): {"accuracy", ...} as [count] host arrays."""
-    return run_episodes(self.model, variables, self.sample_schedule, features_dev, sampler,
-                        count, batch, key, desc=desc, progress=progress, **self.options)
+    (`evaluator.evaluate_episodes`): {"accuracy", ...} as [count] host arrays; `features_dev`
+    [n, D] on the devices (`mesh.replicate`)."""
+    return evaluator.evaluate_episodes(
+        lambda e: self.classify(variables, features_dev, e, key, sampler.ways), sampler,
+        count, batch, desc=desc, progress=progress)
+
+  def trajectory_every(self, every: int) -> int:
+    """The reverse steps between trajectory points: `every`, or 1 where it does not divide
+    the sampler's steps."""
+    return every if self.sample_schedule.num_steps % every == 0 else 1
+
+  def trajectory(self, variables, features_dev, sampler: episodes_lib.EpisodeSampler,
+                 count: int, batch: int, key, every: int, *, desc: str = "trajectory",
+                 progress: bool = False) -> tuple[int, dict[str, np.ndarray]]:
+    """`trajectory_metrics` on episodes 0..count-1 of `sampler` over the data mesh.
+
+    Returns:
+      (every, metrics): the reverse steps between points (`trajectory_every`), and
+      {"accuracy", "support_loss", "norm", "norm_ratio" (norm over reference_norm): [count, P];
+      "reference_norm": [count]} host arrays.
+    """
+    sched = self.sample_schedule
+    every = self.trajectory_every(every)
+
+    def points(e):
+      m = trajectory_metrics(self.model, variables, sched, features_dev, e.support,
+                             e.support_labels, e.query, e.query_labels, e.index, key,
+                             ways=sampler.ways, every=every, update=self.sampler["update"])
+      return {"accuracy": m["accuracy"], "support_loss": m["support_loss"], "norm": m["norm"],
+              "reference_norm": m["reference_norm"],
+              "norm_ratio": m["norm"] / m["reference_norm"][:, None]}
+
+    return every, evaluator.evaluate_episodes(points, sampler, count, batch, desc=desc,
+                                              progress=progress)
 
   def scores(self, variables, features_dev, episodes: episodes_lib.Episodes, key,
              ways: int) -> dict:

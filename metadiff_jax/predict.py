@@ -442,10 +442,10 @@ class Predictor:
     """[N, dim] the denoised weights of one episode (the config's sampler and schedule)."""
     key = rng.seed_key(self.config.seed if seed is None else int(seed), "predict")
     dim = heads.weight_dim(metadiff.model.head, support_features.shape[-1])
-    w_T = jax.random.normal(jax.random.fold_in(key, 0), (1, ways, dim))
-    w0 = metadiff.sample({"params": params}, w_T, jnp.asarray(support_features)[None],
-                         jnp.asarray(labels)[None],
-                         noise_keys=method.episode_noise_keys(key, jnp.zeros(1, jnp.int32)))
+    index = jnp.zeros(1, jnp.int32)  # the one episode, as episode 0 of a batch
+    w0 = metadiff.sample({"params": params}, method.episode_w_T(key, index, ways, dim),
+                         jnp.asarray(support_features)[None], jnp.asarray(labels)[None],
+                         noise_keys=method.episode_noise_keys(key, index))
     return np.asarray(w0[0])
 
   def _feature_dim(self) -> int:
@@ -483,7 +483,7 @@ def predict(workdir, support, query, shots: int | None = None, method: str = "me
 def _load_backbone(config, workdir: str, module):
   """(variables, image shape) of the backbone in WORKDIR/pretrain/best, checked against the
   configured module; without the dataset (the classifier head that sized it is dropped)."""
-  directory = os.path.join(workdir, "pretrain", "best")
+  directory = workdir_lib.backbone_dir(workdir)
   latest = checkpoint.read_latest(directory)
   if latest is None:
     raise StageError(f"no trained backbone in {directory}; run the pipeline in this workdir "

@@ -122,7 +122,7 @@ def restore_latest(store: checkpoint.Checkpoints, state, meta: dict, run_dir: st
 
 def run(step_fn: Callable, state, validate: Callable[[int, Any], Validation], *, run_dir: str,
         name: str, schedule: Schedule, latest: checkpoint.Checkpoints,
-        best: checkpoint.Checkpoints, meta: dict | None = None, loss_name: str = "the loss",
+        best: checkpoint.Checkpoints, meta: dict, loss_name: str = "the loss",
         advice: str = "", log_extra: Callable[[int], dict] | None = None,
         plot: Plot | None = None) -> Result:
   """Trains `state` to `schedule.steps`, resuming from the latest checkpoint in `latest`.
@@ -138,7 +138,7 @@ def run(step_fn: Callable, state, validate: Callable[[int, Any], Validation], *,
     schedule: the steps and when to log, validate and save.
     latest, best: the stores of the latest and the best-validated states (the caller opens
       and closes them).
-    meta: the run's meta at step 0 (saved with every latest checkpoint); by default
+    meta: the run's meta at step 0 (saved with every latest checkpoint), e.g.
       {"best_val_accuracy": -1.0}.
     loss_name, advice: the error of a loss that is not finite reads "{loss_name} became nan at
       step 12; kept the last good checkpoint (step 10) in DIR; {advice}".
@@ -152,7 +152,7 @@ def run(step_fn: Callable, state, validate: Callable[[int, Any], Validation], *,
   Raises:
     TrainingError: where a loss is not finite, or the latest checkpoint does not fit `state`.
   """
-  meta = dict(meta if meta is not None else {"best_val_accuracy": -1.0})
+  meta = dict(meta)
   state, meta = restore_latest(latest, state, meta, run_dir, name)
   step = int(state.step)
   if step >= schedule.steps and best.latest_step() is not None:

@@ -51,6 +51,7 @@ import json
 import logging
 import os
 import socket
+from collections.abc import Sequence
 
 import jax
 from jax.experimental import multihost_utils
@@ -126,6 +127,11 @@ def home_stage(field: str) -> str | None:
 
 def stage_dir(workdir: str, name: str) -> str:
   return os.path.join(os.path.expanduser(workdir), name)
+
+
+def backbone_dir(workdir: str) -> str:
+  """WORKDIR/pretrain/best: the pretrained (or imported) backbone that later stages read."""
+  return os.path.join(stage_dir(workdir, "pretrain"), "best")
 
 
 def train_dir(workdir: str, shots: int) -> str:
@@ -556,7 +562,7 @@ def pretrained_backbone(config, workdir: str):
   Raises:
     StageError: if there is none (run the pretrain stage), or it does not fit the config.
   """
-  directory = os.path.join(stage_dir(workdir, "pretrain"), "best")
+  directory = backbone_dir(workdir)
   store = checkpoint.Checkpoints(directory, max_to_keep=1)
   try:
     if store.latest_step() is None:
@@ -579,8 +585,15 @@ def pretrained_backbone(config, workdir: str):
 def pretrained_features(config, workdir: str, split: str,
                         progress: bool = True) -> features.FeatureSet:
   """The cached features of `split` under the pretrained backbone (`pretrained_backbone`)."""
+  return pretrained_splits(config, workdir, (split,), progress)[0]
+
+
+def pretrained_splits(config, workdir: str, splits: Sequence[str],
+                      progress: bool = True) -> tuple[features.FeatureSet, ...]:
+  """The cached features of each of `splits`, the pretrained backbone restored once."""
   module, variables = pretrained_backbone(config, workdir)
-  return embedding.split_features(config, workdir, split, module, variables, progress=progress)
+  return tuple(embedding.split_features(config, workdir, split, module, variables,
+                                        progress=progress) for split in splits)
 
 
 def targets_path(workdir: str) -> str:
@@ -589,12 +602,18 @@ def targets_path(workdir: str) -> str:
   return os.path.join(stage_dir(workdir, "prototypes"), TARGETS_FILE)
 
 
-def load_targets(workdir: str, feature_set: features.FeatureSet) -> np.ndarray:
-  """[C, D] targets written for these base features, or a StageError naming the stage to run."""
+def _require_targets(workdir: str) -> str:
+  """The targets' path, or a StageError naming the stage that writes them."""
   path = targets_path(workdir)
   if not os.path.exists(path):
     raise StageError(f"no diffusion targets in {path}; run the prototypes stage first "
                      "(--config.stages=\"('prototypes', 'train')\")")
+  return path
+
+
+def load_targets(workdir: str, feature_set: features.FeatureSet) -> np.ndarray:
+  """[C, D] targets written for these base features, or a StageError naming the stage to run."""
+  path = _require_targets(workdir)
   with np.load(path) as f:
     targets, key = f["targets"], str(f["feature_key"])
   if key != feature_set.key:
@@ -614,9 +633,7 @@ def diffusion_targets(config, workdir: str, base: features.FeatureSet) -> np.nda
   their class means (computed here: a pass over the cache)."""
   if config.diffusion.feature_rms is None:
     return load_targets(workdir, base)
-  if not os.path.exists(targets_path(workdir)):  # the stage that caches the features
-    raise StageError(f"no diffusion targets in {targets_path(workdir)}; run the prototypes "
-                     "stage first (--config.stages=\"('prototypes', 'train')\")")
+  _require_targets(workdir)  # the stage that caches the features
   return np.asarray(features.class_means(base.features, base.labels, base.num_classes))
 
 
@@ -681,6 +698,14 @@ def load_denoiser(config, workdir: str, shots: int, feature_dim: int, which="bes
   init_state = metadiff.init(shots)
   if not config.denoiser.unet:
     return metadiff, init_state, init_state, {}
+  state, meta = restore_denoiser(workdir, shots, init_state, which)
+  return metadiff, state, init_state, meta
+
+
+def restore_denoiser(workdir: str, shots: int, init_state, which="best"):
+  """(trained state, checkpoint metadata) of the K-shot denoiser `which` (as `load_denoiser`),
+  restored into the template `init_state` (`method.MetaDiff.init`), or a UserError naming
+  what to do."""
   directory, step = _checkpoint_location(workdir, shots, which)
   store = checkpoint.Checkpoints(directory, max_to_keep=None)  # None: a reader deletes nothing
   try:
@@ -709,4 +734,4 @@ def load_denoiser(config, workdir: str, shots: int, feature_dim: int, which="bes
     raise StageError(f"the {shots}-shot denoiser in {directory}/{int(state.step)} has {bad} NaN "
                      "or infinite parameters (a damaged checkpoint); evaluate another one "
                      "(config.eval.checkpoint = 'best', 'last' or a kept step) or retrain it")
-  return metadiff, state, init_state, meta
+  return state, meta

@@ -9,7 +9,6 @@ pipeline command runs in a process of its own, end to end.
 """
 
 import logging
-import subprocess
 import sys
 
 import pytest
@@ -22,7 +21,7 @@ from metadiff_jax import config_lib, errors, main, metrics
 from metadiff_jax import import_torch as import_torch_cli
 from metadiff_jax import predict as predict_cli
 from metadiff_jax.data import __main__ as data_cli
-from tiny_pipeline import command_error, cpu_env, main_command, parse_command
+from tiny_pipeline import command_error, parse_command, run_main
 
 
 def assert_one_error_line(status, stderr, message=""):
@@ -54,10 +53,8 @@ def run_in_process(cli_main, argv, capsys):
 def test_the_pipeline_command_ends_with_one_error_line(tmp_path):
   """End to end, in a process of its own: the flags parse, the stages start, the first one's
   error is stderr's last line and the status 2."""
-  proc = subprocess.run(main_command("--config=configs/glyphs_conv4.py",
-                                     f"--config.data.data_dir={tmp_path / 'none'}",
-                                     f"--workdir={tmp_path / 'run'}"),
-                        cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=600)
+  proc = run_main("--config=configs/glyphs_conv4.py",
+                  f"--config.data.data_dir={tmp_path / 'none'}", f"--workdir={tmp_path / 'run'}")
   last = assert_one_error_line(proc.returncode, proc.stderr, "is not built")
   assert "\\" not in last and "'" not in last.split(";")[0], last  # no escaped quotes
 

@@ -7,13 +7,9 @@ import pytest
 from conftest import REPO
 from metadiff_jax import checks, config_lib
 from metadiff_jax.errors import ConfigError
-from tiny_pipeline import TINY_OVERRIDES, parse_command
+from tiny_pipeline import TINY_OVERRIDES, load_config, parse_command
 
 CPU_CONFIGS = ("glyphs_conv4", "textures_conv4", "image_folder_conv4")
-
-
-def _config(name, arg=None):
-  return config_lib.read_config_file(str(REPO / "configs" / f"{name}.py"), arg)
 
 
 def test_the_config_layer_imports_no_model_module_and_no_jax():
@@ -27,7 +23,7 @@ def test_the_config_layer_imports_no_model_module_and_no_jax():
 
 @pytest.mark.parametrize("name", CPU_CONFIGS)
 def test_the_tiny_preset_sets_the_tiny_fields_and_nothing_else(name):
-  tiny, plain = _config(name, "tiny=1"), _config(name)
+  tiny, plain = load_config(name, "tiny=1"), load_config(name)
   assert tiny.is_locked
   expected = plain.to_dict()
   for field, value in config_lib.TINY.items():
@@ -37,18 +33,18 @@ def test_the_tiny_preset_sets_the_tiny_fields_and_nothing_else(name):
   assert tiny.to_dict() == expected
   assert tiny.data.builder_config == "tiny" and tiny.diffusion.num_steps == 10
   assert config_lib.eval_shots(tiny) == (1,) and tiny.train.steps == 20
-  assert _config(name, "tiny=0").to_dict() == plain.to_dict()
+  assert load_config(name, "tiny=0").to_dict() == plain.to_dict()
 
 
 def test_presets_beside_tiny_still_choose_their_fields():
   for arg in ("shot=5,tiny=1", "tiny=1,shot=5"):
-    config = _config("glyphs_conv4", arg)
+    config = load_config("glyphs_conv4", arg)
     assert tuple(config.train.shots) == (5,) and config_lib.eval_shots(config) == (5,)
     assert config.train.steps == 20
-  config = _config("glyphs_conv4", "tiny=1,variant=faithful")
+  config = load_config("glyphs_conv4", "tiny=1,variant=faithful")
   assert config_lib.variant_of(config) == "faithful" and config.train.steps == 20
   with pytest.raises(ConfigError, match="config preset tiny=yes must be tiny=1"):
-    _config("glyphs_conv4", "tiny=yes")
+    load_config("glyphs_conv4", "tiny=yes")
 
 
 def test_the_tiny_overrides_give_the_tiny_preset():
@@ -86,5 +82,5 @@ def test_a_denoiser_without_a_unet_predicts_the_noise():
 
 @pytest.mark.parametrize("name", CPU_CONFIGS)
 def test_the_cpu_configs_pass_every_check(name):
-  checks.check(_config(name))
-  checks.check(_config(name, "tiny=1"))
+  checks.check(load_config(name))
+  checks.check(load_config(name, "tiny=1"))

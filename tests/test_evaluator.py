@@ -1,6 +1,5 @@
 """The episodic evaluator: which episodes, padding and trimming, one compilation, trees."""
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +15,7 @@ def _sampler(ways=3, shots=2, queries=2):
   return episodes.EpisodeSampler(labels, ways, shots, queries, seed=3, split="test")
 
 
-@functools.partial(jax.jit, static_argnames=())
+@jax.jit
 def _per_episode(support, query, index):
   return {"index": index, "support": support, "sum": jnp.sum(query, axis=-1)}
 

@@ -1,7 +1,6 @@
 """The package as a user meets it: the README's example and commands, the configs, imports."""
 
 import ast
-import importlib.util
 import re
 import subprocess
 import sys
@@ -12,6 +11,7 @@ import numpy as np
 import pytest
 
 import tiny_pipeline
+from tiny_pipeline import load_config
 from conftest import REPO
 from metadiff_jax import schedule, tcunet
 
@@ -50,13 +50,6 @@ def test_readme_demo_command_runs_the_config_that_the_tiny_preset_shrinks():
   assert demo.to_dict() == load_config("glyphs_conv4").to_dict()
   tiny = tiny_pipeline.parse_command(f"--config={config_arg}:tiny=1")
   assert tiny.to_dict() == tiny_pipeline.tiny_config(demo.data.data_dir).to_dict()
-
-
-def load_config(name):
-  spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
 
 
 def test_the_demo_config_builds_the_core_and_is_locked():

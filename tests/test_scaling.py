@@ -48,14 +48,9 @@ def pipeline_args(data_dir, workdir, diagnostics=True):
           *([] if diagnostics else CLI_RUN_OVERRIDES)]
 
 
-def read_jsonl(path):
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
-
-
 def series(workdir, stage, key):
   """{step: value} of one metric of a stage's metrics.jsonl, each step written once."""
-  records = [r for r in read_jsonl(workdir / stage / "metrics.jsonl") if key in r]
+  records = [r for r in metrics.read_jsonl(str(workdir / stage / "metrics.jsonl")) if key in r]
   steps = [r["step"] for r in records]
   assert len(steps) == len(set(steps)), f"{stage}/{key} written twice at some step: {steps}"
   return {r["step"]: r[key] for r in records}

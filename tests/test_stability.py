@@ -1,8 +1,8 @@
 """The stabilised variants, the divergence diagnostics and the stability study (docs/STABILITY.md)."""
 
+import dataclasses
 import json
 import os
-import types
 
 import jax
 import jax.numpy as jnp
@@ -206,10 +206,10 @@ def test_the_trajectory_norm_diagnostic_on_a_case_with_known_norms():
   from metadiff_jax.data import episodes as episodes_lib
   labels = np.repeat(np.arange(4), 10).astype(np.int32)
   sampler = episodes_lib.EpisodeSampler(labels, ways, shots, queries, 0, "test")
-  vconfig = types.SimpleNamespace(eval=types.SimpleNamespace(batch_episodes=4),
-                                  diffusion=types.SimpleNamespace(sampler="original"))
-  out = stability._trajectory(vconfig, model, {}, sched, jnp.asarray(feats), sampler, 3, key,
-                              every=5)
+  metadiff = dataclasses.replace(
+      method.MetaDiff.from_config(config_lib.base_config(), dim), model=model,
+      sample_schedule=sched, sampler={"dtype": None, "precision": None, "update": "original"})
+  out = stability._trajectory(metadiff, {}, jnp.asarray(feats), sampler, 3, 4, key, every=5)
   assert out["steps"] == [0, 5, 10, 15, 20]
   assert out["on_track_norm_ratio"][-1] == pytest.approx(1.0)  # abar = 1 once all are taken
   # At the start the on-track norm is the noise's, sqrt(W) per row, and these support means

@@ -1,7 +1,6 @@
 """The training loop on a toy state: resume identity, the NaN stop, keeping the best, logs."""
 
 import functools
-import json
 import os
 
 import flax
@@ -10,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from metadiff_jax import checkpoint, mesh, training_loop
+from metadiff_jax import checkpoint, mesh, metrics, training_loop
 from metadiff_jax.errors import TrainingError
 
 
@@ -62,11 +61,6 @@ def _run(run_dir, steps, scores=None, nan_at=-1, **schedule):
   return result, calls, best_step
 
 
-def _records(run_dir):
-  with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
-
-
 def _expected_w(steps):
   w = 0.0
   for s in range(steps):
@@ -85,7 +79,7 @@ def test_logs_validations_saves_and_the_best(tmp_path):
   # Calls end at 3, 6, 9, 12, 14: a step counts where a call crosses a multiple.
   assert calls == [6, 12, 14]
   assert best_step == 12 and result.meta == {"best_val_accuracy": 0.9, "best_step": 12}
-  records = _records(tmp_path)
+  records = metrics.read_jsonl(os.path.join(tmp_path, "metrics.jsonl"))
   losses = [r for r in records if "loss" in r]
   assert [r["step"] for r in losses] == [6, 9, 12, 14]
   # Each logged loss is the mean of the steps since the previous one (loss of step s: w_s).

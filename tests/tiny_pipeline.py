@@ -1,13 +1,10 @@
 """The tiny pipeline the tests run: its config, overrides and command line (run, or parsed in
 this process), and the per-query scores of a finished run."""
 
-import importlib.util
 import os
 import subprocess
 import sys
 
-import jax
-import numpy as np
 import pytest
 from absl import flags
 
@@ -17,10 +14,8 @@ from metadiff_jax.errors import ConfigError
 
 
 def load_config(name, arg=None):
-  spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  """`get_config(arg)` of configs/NAME.py, as `--config=configs/NAME.py[:ARG]` reads it."""
+  return config_lib.read_config_file(str(REPO / "configs" / f"{name}.py"), arg, pass_arg=True)
 
 
 # The tiny preset (config_lib.TINY, `:tiny=1` after a config file) as `--config.*` overrides,
@@ -139,7 +134,7 @@ def episode_scores(config, workdir):
     {"features": [n, D] the test features the stage saw, and per row ("metadiff",
     "untrained", "prototypes"): {"scores": [E, Q, N], "weights": [E, N, D]}}.
   """
-  from metadiff_jax import embedding, rng  # pylint: disable=g-import-not-at-top
+  from metadiff_jax import embedding, evaluator, mesh, rng  # pylint: disable=g-import-not-at-top
   from metadiff_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   from metadiff_jax.data import episodes  # pylint: disable=g-import-not-at-top
   test = embedding.diffusion_features(
@@ -148,18 +143,15 @@ def episode_scores(config, workdir):
   sampler = episodes.EpisodeSampler(test.labels, e.ways, 1, e.queries, config.seed, "test")
   metadiff, state, init_state, _ = workdir_lib.load_denoiser(config, str(workdir), 1,
                                                              test.features.shape[1])
-  features_dev = jax.numpy.asarray(test.features)
+  features_dev = mesh.replicate(test.features)
   key = rng.key(config, "sampling", 2)
   out = {"features": test.features}
   for row, params in (("metadiff", state.ema_params), ("untrained", init_state.params)):
-    parts = []
-    for start in range(0, e.episodes, e.batch_episodes):
-      ep = sampler.batch(start, e.batch_episodes)
-      parts.append(jax.device_get(metadiff.scores(
-          {"params": params}, features_dev, ep._replace(index=ep.index.astype(np.int32)), key,
-          e.ways)))
-    scores = {k: np.concatenate([p[k] for p in parts])[:e.episodes] for k in parts[0]}
+    scores = evaluator.evaluate_episodes(
+        lambda ep, params=params: metadiff.scores({"params": params}, features_dev, ep, key,
+                                                  e.ways),
+        sampler, e.episodes, e.batch_episodes)
     out[row] = {"scores": scores["scores"], "weights": scores["weights"]}
-  # The class means do not depend on the denoiser: those of the last batch loop serve.
+  # The class means do not depend on the denoiser: those of the last row serve.
   out["prototypes"] = {"scores": scores["prototype_scores"], "weights": scores["prototypes"]}
   return out

@@ -83,15 +83,14 @@ def for_dataset(name: str, **overrides) -> AugmentConfig:
   A dataset normalised with its build's statistics (`NORMALIZATION[name]` None) needs `mean`
   and `std` among the overrides.
   """
-  defaults = AUGMENTATIONS
-  if name not in defaults:
-    raise ValueError(f"no augmentation defaults for {name!r}; known: {', '.join(defaults)}")
+  if name not in AUGMENTATIONS:
+    raise ValueError(f"no augmentation defaults for {name!r}; known: {', '.join(AUGMENTATIONS)}")
   constants = NORMALIZATION[name]
   if constants is None and ("mean" not in overrides or "std" not in overrides):
     raise ValueError(f"{name} is normalised with its build's statistics; pass mean= and std= "
                      "(load.normalization(ref))")
   mean, std = constants or (None, None)
-  return AugmentConfig(**{**defaults[name], "mean": mean, "std": std, **overrides})
+  return AugmentConfig(**{**AUGMENTATIONS[name], "mean": mean, "std": std, **overrides})
 
 
 def from_config(data_config) -> AugmentConfig:

@@ -57,15 +57,6 @@ _CHANNEL_GAIN = 0.2  # per-channel factor, uniform in [1 - g, 1 + g]
 _NOISE = 0.12  # std of Gaussian pixel noise, in [0, 1] units
 
 
-class TextureSet(embedded.EmbeddedSet):
-  """A generated texture set (fields as `embedded.EmbeddedSet`).
-
-  Attributes:
-    images: [n, H, W, 3] uint8 RGB.
-    class_names: [num_classes] "texture_0007: 3 gratings, warped, stripes, 2 colours" per class.
-  """
-
-
 @dataclasses.dataclass(frozen=True)
 class _Texture:
   """The parameters of one class (frequencies in cycles per px of a 32 px image).
@@ -246,10 +237,10 @@ def _draw_images(texture: _Texture, count: int, image_size: int,
 
 class TextureRecipe(embedded.Recipe):
   """Textures: a class is a random `_Texture`, an image a fresh instance of it (`_draw_images`).
-  Images are at least 8 px."""
+  Images are at least 8 px. The set is an `embedded.EmbeddedSet` with images [n, H, W, 3]
+  uint8 RGB and class names like "texture_0007: 3 gratings, warped, stripes, 2 colours"."""
 
   name = "textures"
-  set_type = TextureSet
   channels = 3
   default_num_classes = DEFAULT_NUM_CLASSES
   min_image_size = 8
@@ -265,7 +256,7 @@ class TextureRecipe(embedded.Recipe):
 
 
 RECIPE = TextureRecipe()
-# textures.generate(num_classes=600, images_per_class=20, image_size=32, seed=0) -> TextureSet;
+# textures.generate(num_classes=600, images_per_class=20, image_size=32, seed=0) -> EmbeddedSet;
 # the default set's splits are 384 / 96 / 120 classes.
 generate = RECIPE.generate
 

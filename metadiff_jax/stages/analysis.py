@@ -92,8 +92,8 @@ def stage(config, workdir: str) -> dict:
   a = config.analysis
   root = os.path.abspath(os.path.expanduser(workdir))
   out = analysis_dir(root)
-  base, val, test = (embedding.diffusion_features(
-      config, workdir_lib.pretrained_features(config, root, s)) for s in ("train", "val", "test"))
+  base, val, test = (embedding.diffusion_features(config, s) for s in
+                     workdir_lib.pretrained_splits(config, root, ("train", "val", "test")))
   targets = workdir_lib.diffusion_targets(config, root, base)
   data = _Data(config, base, val, test, targets)
   parts = set(a.parts)
@@ -185,13 +185,16 @@ def analyse_shot(config, root: str, shots: int, data: _Data, parts: set) -> dict
       method = make_method(config, row, data.dim)
       results[row] = _unrolled_row(config, root, row, method, shots, data, val_sampler,
                                    test_sampler, count, test_key, cached)
+  # Each MetaDiff row's denoiser, trained if it has not been and loaded once (the MetaDiff
+  # row and Figure 5 sample the same one).
+  denoiser = functools.cache(lambda row: _metadiff_denoiser(config, root, row, shots, data))
   for row in ("metadiff", "cosine_ce", "no_unet", "linear_metadiff"):
     if row in wanted or (row == "metadiff" and "fig5" in parts):
-      results[row] = _metadiff_row(config, root, row, shots, data, test_sampler, count,
-                                   test_key, cached)
+      results[row] = _metadiff_row(config, row, shots, data, denoiser(row), test_sampler,
+                                   count, test_key, cached)
   if "fig5" in parts:
-    results["trajectory"] = _trajectory(config, root, shots, data, test_sampler, count,
-                                        test_key, cached)
+    results["trajectory"] = _trajectory(config, shots, data, denoiser("metadiff"),
+                                        test_sampler, count, test_key, cached)
   return results
 
 
@@ -288,8 +291,9 @@ def _metadiff_denoiser(config, root, row, shots, data):
   return variant, metadiff, {"params": state.ema_params}
 
 
-def _metadiff_row(config, root, row, shots, data, sampler, count, key, cached) -> dict:
-  variant, metadiff, variables = _metadiff_denoiser(config, root, row, shots, data)
+def _metadiff_row(config, row, shots, data, denoiser, sampler, count, key, cached) -> dict:
+  """The MetaDiff row `row`; `denoiser` is its `_metadiff_denoiser`."""
+  variant, metadiff, variables = denoiser
   settings = {"denoiser": features.variables_fingerprint(variables),
               "sampler": method_lib.sampler_settings(variant),
               "head": variant.denoiser.head, "gradient": variant.denoiser.gradient,
@@ -306,27 +310,19 @@ def _metadiff_row(config, root, row, shots, data, sampler, count, key, cached) -
 
 # ----------------------------------------------------------------------------- Figure 5
 
-def _trajectory(config, root, shots, data, sampler, count, key, cached) -> dict:
-  """Figure 5's curve for K shots: mean accuracy and support loss against reverse steps."""
-  variant, metadiff, variables = _metadiff_denoiser(config, root, "metadiff", shots, data)
-  model, sched = metadiff.model, metadiff.sample_schedule
-  every = int(config.analysis.trajectory_every)
-  if sched.num_steps % every:
-    every = 1
+def _trajectory(config, shots, data, denoiser, sampler, count, key, cached) -> dict:
+  """Figure 5's curve for K shots: mean accuracy and support loss against reverse steps;
+  `denoiser` is the MetaDiff row's `_metadiff_denoiser`."""
+  variant, metadiff, variables = denoiser
+  sched = metadiff.sample_schedule
+  every = metadiff.trajectory_every(int(config.analysis.trajectory_every))
   settings = {"denoiser": features.variables_fingerprint(variables), "every": every,
               "sampler": method_lib.sampler_settings(variant)}
 
   def compute():
-    def trajectory(e):
-      m = method_lib.trajectory_metrics(model, variables, sched, data.test_dev, e.support,
-                                        e.support_labels, e.query, e.query_labels, e.index,
-                                        key, ways=sampler.ways, every=every,
-                                        update=variant.diffusion.sampler)
-      return {"accuracy": m["accuracy"], "support_loss": m["support_loss"],
-              "norm_ratio": m["norm"] / m["reference_norm"][:, None]}
-
-    m = evaluator.evaluate_episodes(trajectory, sampler, count, config.eval.batch_episodes,
-                                    desc=f"trajectory {shots}-shot", progress=True)
+    _, m = metadiff.trajectory(variables, data.test_dev, sampler, count,
+                               config.eval.batch_episodes, key, every,
+                               desc=f"trajectory {shots}-shot", progress=True)
     # float64 means, as `metrics.summarize` takes them: the last point is the MetaDiff row.
     acc = m["accuracy"].astype(np.float64)
     loss = m["support_loss"].astype(np.float64)

@@ -96,7 +96,7 @@ def evaluate_shot(config, workdir: str, shots: int, test: features.FeatureSet) -
   fingerprint = features.variables_fingerprint(state.ema_params)
   companion = _companion(config, workdir, shots, which, int(state.step))
   if companion is not None:
-    other = workdir_lib.load_denoiser(config, workdir, shots, dim, companion)[1]
+    other = workdir_lib.restore_denoiser(workdir, shots, init_state, companion)[0]
     other_fingerprint = features.variables_fingerprint(other.ema_params)
   settings = {"ways": e.ways, "shots": shots, "queries": e.queries, "episodes": e.episodes,
               "diagnostics": [e.diagnostic_episodes, e.diagnostic_buckets],
@@ -136,7 +136,8 @@ def evaluate_shot(config, workdir: str, shots: int, test: features.FeatureSet) -
     errors = {}
     for name, params in (("metadiff", state.ema_params), ("untrained", init_state.params)):
       errors[name] = method.noise_error_table(
-          model, {"params": params}, metadiff.train_schedule, test, targets, sampler, count,
+          model, {"params": params}, metadiff.train_schedule, features_dev, targets, sampler,
+          count,
           e.batch_episodes, rng.key(config, "sampling", 3), int(e.diagnostic_buckets))
     diagnostics["noise_error"] = {
         "steps": errors["metadiff"]["steps"], "n": count,

@@ -29,7 +29,7 @@ def stage(config, workdir: str) -> None:
   """Pretrains (or imports) the backbone; keeps the best one in WORKDIR/pretrain/best."""
   out = workdir_lib.stage_dir(workdir, "pretrain")
   latest = checkpoint.Checkpoints(os.path.join(out, "checkpoints"), max_to_keep=2)
-  best = checkpoint.Checkpoints(os.path.join(out, "best"), max_to_keep=1)
+  best = checkpoint.Checkpoints(workdir_lib.backbone_dir(workdir), max_to_keep=1)
   try:
     if config.backbone.checkpoint:
       _import(config, best)

@@ -118,8 +118,8 @@ def denoiser_dir(root: str, vconfig, shots: int) -> str:
 def stage(config, workdir: str) -> dict:
   """Runs every row of the study; writes the tables, plots and JSON."""
   root = os.path.abspath(os.path.expanduser(workdir))
-  raw = {split: workdir_lib.pretrained_features(config, root, split)
-         for split in ("train", "val", "test")}
+  splits = ("train", "val", "test")
+  raw = dict(zip(splits, workdir_lib.pretrained_splits(config, root, splits)))
   results = {shots: study_shot(config, root, shots, raw) for shots in shots_of(config)}
   out = stability_dir(root)
   summary = {"dataset": config.data.name, "builder_config": config.data.builder_config,
@@ -197,7 +197,6 @@ def variant_row(config, root, variant, rate, shots, raw, sampler, count, key, ca
               "diagnostics": [int(s.diagnostic_episodes), int(s.diagnostic_buckets)]}
 
   def compute():
-    sched = metadiff.sample_schedule
     test_dev = mesh.replicate(data["test"].features)
     result = {"description": DESCRIPTIONS.get(variant, ""),
               "best_step": int(best.step),
@@ -210,15 +209,15 @@ def variant_row(config, root, variant, rate, shots, raw, sampler, count, key, ca
                       "norm_ratio": float(np.mean(m["norm_ratio"])),
                       "support_loss": float(np.mean(m["support_loss"])),
                       "class_means": float(np.mean(m["prototype_accuracy"]))}
-    result["trajectory"] = _trajectory(vconfig, model, {"params": states["last"]}, sched,
-                                       test_dev, sampler, min(count, int(s.diagnostic_episodes)
-                                                             or count), key,
+    result["trajectory"] = _trajectory(metadiff, {"params": states["last"]}, test_dev, sampler,
+                                       min(count, int(s.diagnostic_episodes) or count),
+                                       config.eval.batch_episodes, key,
                                        int(s.trajectory_every))
     if s.diagnostic_episodes and model.head == "prototype":
       test = data["test"]
       targets = np.asarray(features.class_means(test.features, test.labels, test.num_classes))
       tables = {name: method.noise_error_table(
-          model, {"params": states[name]}, metadiff.train_schedule, test, targets,
+          model, {"params": states[name]}, metadiff.train_schedule, test_dev, targets,
           sampler, min(count, int(s.diagnostic_episodes)), config.eval.batch_episodes,
           rng.key(config, "sampling", 3), int(s.diagnostic_buckets))
                 for name in ("last", "untrained")}
@@ -255,19 +254,10 @@ def _last_state(where: str, shots: int, init):
   return state
 
 
-def _trajectory(vconfig, model, variables, sched, test_dev, sampler, count, key,
-                every) -> dict:
+def _trajectory(metadiff, variables, test_dev, sampler, count, batch, key, every) -> dict:
   """Mean accuracy and norm ratio along the reverse trajectory, with the on-track norm."""
-  if sched.num_steps % every:
-    every = 1
-  def trajectory(e):
-    m = method.trajectory_metrics(model, variables, sched, test_dev, e.support,
-                                  e.support_labels, e.query, e.query_labels, e.index, key,
-                                  ways=sampler.ways, every=every,
-                                  update=vconfig.diffusion.sampler)
-    return {name: m[name] for name in ("accuracy", "norm", "reference_norm")}
-
-  m = evaluator.evaluate_episodes(trajectory, sampler, count, vconfig.eval.batch_episodes)
+  sched, model = metadiff.sample_schedule, metadiff.model
+  every, m = metadiff.trajectory(variables, test_dev, sampler, count, batch, key, every)
   acc, norm, ref = (m[name].astype(np.float64) for name in ("accuracy", "norm", "reference_norm"))
   k = sched.num_steps
   taken = np.arange(norm.shape[1]) * every

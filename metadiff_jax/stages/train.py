@@ -13,10 +13,8 @@ from metadiff_jax import workdir as workdir_lib
 
 def stage(config, workdir: str) -> None:
   """Trains one denoiser per shot setting in config.train.shots."""
-  base = embedding.diffusion_features(config,
-                                      workdir_lib.pretrained_features(config, workdir, "train"))
+  base, val = (embedding.diffusion_features(config, s) for s in
+               workdir_lib.pretrained_splits(config, workdir, ("train", "val")))
   targets = workdir_lib.diffusion_targets(config, workdir, base)
-  val = embedding.diffusion_features(config,
-                                     workdir_lib.pretrained_features(config, workdir, "val"))
   for shots in config.train.shots:
     diffusion_training.train_shot(config, workdir, int(shots), base, targets, val)
