@@ -49,11 +49,14 @@ PRECISIONS = ("default", "high", "highest")
 
 # The original method's settings of the fields the stabilised variants change
 # (docs/STABILITY.md): the TCUNet reads the support-loss gradient alone and predicts the noise
-# (Eq. 12), the sampler is the original's deterministic update (Eq. 8), and the features are
-# diffused as the backbone gives them.
+# (Eq. 12), the sampler is the original's deterministic update (Eq. 8) over all T steps, and
+# the features are diffused as the backbone gives them.
 ORIGINAL = {"denoiser.inputs": ("gradient",), "denoiser.prediction": "eps",
             "denoiser.loss_reduction": "sum", "diffusion.sampler": "original",
-            "diffusion.feature_rms": None}
+            "diffusion.feature_rms": None, "diffusion.num_sampling_steps": None}
+# The fields of weights_normalized_shot_mean, which the x0-prediction variants build on.
+_STABLE = {"denoiser.inputs": ("gradient", "weights"), "diffusion.feature_rms": 1.0,
+           "denoiser.loss_reduction": "shot_mean"}
 # Named variants, each the original with a few of those fields changed; `variant=NAME` after
 # a config file's colon applies one. "faithful" is the original method.
 VARIANTS = {
@@ -70,14 +73,19 @@ VARIANTS = {
     "weights_normalized_mean": {"denoiser.inputs": ("gradient", "weights"),
                                 "diffusion.feature_rms": 1.0,
                                 "denoiser.loss_reduction": "mean"},
-    "weights_normalized_shot_mean": {"denoiser.inputs": ("gradient", "weights"),
-                                     "diffusion.feature_rms": 1.0,
-                                     "denoiser.loss_reduction": "shot_mean"},
+    "weights_normalized_shot_mean": dict(_STABLE),
     "x0": {"denoiser.prediction": "x0"},
     "x0_weights": {"denoiser.prediction": "x0", "denoiser.inputs": ("gradient", "weights")},
+    # x0 = the support class means plus the network's correction.
+    "residual": {**_STABLE, "denoiser.prediction": "x0_residual"},
+    # x0 = a learned linear map of the support class means plus the network's correction,
+    # sampled in 10 respaced steps (the default), or in all T.
+    "linear_prior": {**_STABLE, "denoiser.prediction": "x0_linear_prior",
+                     "diffusion.num_sampling_steps": 10},
+    "linear_prior_full": {**_STABLE, "denoiser.prediction": "x0_linear_prior"},
 }
 # The variant every config starts from (docs/STABILITY.md says why).
-RECOMMENDED = "weights_normalized_shot_mean"
+RECOMMENDED = "linear_prior"
 
 # The `tiny` preset (`:tiny=1`): every stage shrunk to seconds, on the build named "tiny" (the
 # tests build 40 glyph classes of 20 images of 16 x 16: `python -m metadiff_jax.data build
@@ -227,7 +235,9 @@ def base_config(dataset: str = "glyphs", backbone: str = "conv4") -> ml_collecti
       head="prototype", gradient="l2", unet=True,
       # Stabilised variants (docs/STABILITY.md). inputs: what the TCUNet's first block reads,
       # ("gradient",) in the original, with "weights" (w_t) and/or "means" (the support class
-      # means) added. prediction: "eps" (Eq. 12) or "x0" (the network outputs w_0).
+      # means) added. prediction: "eps" (Eq. 12), "x0" (the network outputs w_0), "x0_residual"
+      # (w_0 = the support class means + the network's correction) or "x0_linear_prior" (w_0 = a
+      # learned linear map of them + the correction; prototype head only, see `tcunet`).
       inputs=("gradient",), prediction="eps"))
 
   # Diffusion training (Algorithm 1, Eq. 12), one denoiser per shot setting; defaults are the
@@ -291,11 +301,13 @@ def base_config(dataset: str = "glyphs", backbone: str = "conv4") -> ml_collecti
 
   # The stability study (the optional "stability" stage, configs/stability.py): each variant
   # (`VARIANTS`) trained on the pipeline's features for `steps` steps (None: train.steps) and
-  # measured on the eval stage's test episodes; the lr_variants also at learning_rates.
+  # measured on the eval stage's test episodes; the lr_variants also at learning_rates, the
+  # length_variants also trained for each of `lengths` steps.
   config.stability = ml_collections.ConfigDict(dict(
       variants=("faithful", "ddpm", "ddim", "weights", "means", "normalized", "mean_gradient",
                 "x0", "x0_weights", "weights_normalized", "weights_normalized_mean",
-                "weights_normalized_shot_mean"),
+                "weights_normalized_shot_mean", "residual", "linear_prior",
+                "linear_prior_full"),
       shots=config_dict.placeholder(tuple),  # None: the eval stage's shots
       episodes=config_dict.placeholder(int),  # None: eval.episodes
       steps=config_dict.placeholder(int),
@@ -306,6 +318,15 @@ def base_config(dataset: str = "glyphs", backbone: str = "conv4") -> ml_collecti
       val_episodes=config_dict.placeholder(int),
       learning_rates=(1e-3,),
       lr_variants=("faithful", "weights_normalized", "weights_normalized_shot_mean"),
+      lengths=(), length_variants=(RECOMMENDED,),
+      # Beside class means, the closed-form linear shrinkage of the support means (a ridge
+      # regression of the base classes' means on their K-shot support means, penalty
+      # shrinkage_l2 times the number of draws; `prototypes.fit_linear_shrinkage`) from
+      # shrinkage_draws support sets per base class.
+      shrinkage_draws=20, shrinkage_l2=1e-3,
+      # Transductive reference rows, reported apart: both refined by this many soft k-means
+      # rounds over each episode's unlabelled queries (0: none).
+      transductive_steps=1,
       # Diagnostics of each row's last checkpoint: reverse steps between trajectory points, and
       # the episodes and step ranges of the held-out noise error.
       trajectory_every=10, diagnostic_episodes=200, diagnostic_buckets=10))
@@ -487,7 +508,7 @@ def _check_eval_checkpoint(config) -> None:
 def _check_stability(config) -> None:
   """The stability section's values (checked only where the stability stage runs)."""
   s = config.stability
-  for field in ("variants", "lr_variants"):
+  for field in ("variants", "lr_variants", "length_variants"):
     unknown = [v for v in s[field] if v not in VARIANTS]
     if unknown or (field == "variants" and not s[field]):
       raise ConfigError(f"config.stability.{field} must name some of {', '.join(VARIANTS)}, "
@@ -505,6 +526,16 @@ def _check_stability(config) -> None:
   if any(not r > 0 for r in s.learning_rates):
     raise ConfigError(f"config.stability.learning_rates must be positive, got "
                       f"{tuple(s.learning_rates)!r}")
+  if any(int(n) != n or n < 1 for n in s.lengths):
+    raise ConfigError(f"config.stability.lengths must be positive step counts, got "
+                      f"{tuple(s.lengths)!r}")
+  if int(s.transductive_steps) != s.transductive_steps or s.transductive_steps < 0:
+    raise ConfigError(f"config.stability.transductive_steps must be an integer >= 0, got "
+                      f"{s.transductive_steps!r}")
+  if int(s.shrinkage_draws) != s.shrinkage_draws or s.shrinkage_draws < 1 or \
+      not s.shrinkage_l2 > 0:
+    raise ConfigError("config.stability.shrinkage_draws must be a positive integer and "
+                      f"shrinkage_l2 positive, got {s.shrinkage_draws!r}, {s.shrinkage_l2!r}")
   if s.shots is not None and (not s.shots or any(int(k) != k or k < 1 for k in s.shots)):
     raise ConfigError(f"config.stability.shots must be a tuple of positive ints like (1, 5), "
                       f"got {s.shots!r}")

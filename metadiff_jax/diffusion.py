@@ -219,7 +219,7 @@ def update_coefficients(sched: Schedule, sampler: str = "original", prediction: 
   Args:
     sched: the sampler's schedule (K steps).
     sampler: "original", "ddpm" or "ddim" (see the module docstring).
-    prediction: "eps" or "x0".
+    prediction: "eps", or one whose output is x0 (`tcunet.X0_PREDICTIONS`).
 
   Returns:
     (a, b, s), each [K] float32; s is zero but for "ddpm" (and at i = 0 there too).
@@ -235,7 +235,7 @@ def update_coefficients(sched: Schedule, sampler: str = "original", prediction: 
   else:
     a = sched.reciprocal_sqrt_alphas
     b = -sched.reciprocal_sqrt_alphas * sched.remove_noise_coeff
-  if prediction == "x0":  # out = x0: eps = (w - sqrt(abar) x0) / sqrt(1 - abar)
+  if prediction in tcunet.X0_PREDICTIONS:  # out = x0: eps = (w - sqrt(abar) x0) / sqrt(1 - abar)
     a, b = (a + b / sched.sqrt_one_minus_alphas_cumprod,
             -b * sched.sqrt_alphas_cumprod / sched.sqrt_one_minus_alphas_cumprod)
   s = sched.sigmas.at[0].set(0.0) if sampler == "ddpm" else jnp.zeros_like(a)
@@ -296,9 +296,16 @@ def _sample_episodes(model, variables, sched, w_T, support, support_labels, nois
   # this saves reading both once more per step (about 20% more episodes/s on an H100 at
   # B = 8192-65536, fp32 and bf16). The float32 gradient for the gate and the skip connection
   # is recomputed from w in that pass, so the numbers are those of `denoise_from_time`.
+  residual = getattr(model, "prediction", "eps") in tcunet.RESIDUAL_PREDICTIONS
+  if residual:  # x0 = prior + (out - g): the prior is constant along the loop
+    means = model.apply(variables, cond, num_classes, jnp.ndim(w_T), method="prior")
+
   def step(carry, x):
     w, grad_in = carry
-    out = model.apply(variables, gradient(w), x[0], grad_in, method="from_gradient_and_time")
+    grad = gradient(w)
+    out = model.apply(variables, grad, x[0], grad_in, method="from_gradient_and_time")
+    if residual:
+      out = model.apply(variables, out, grad, means, method="residual_output")
     if original:
       _, coeff, recip = x
       # Eq. 8 as the original code runs it, `reverse_step` with the coefficients gathered.
@@ -387,8 +394,10 @@ def _canonical_precision(precision):
 
 
 def _prediction(model) -> str:
-  """What the model's output is, "eps" or "x0" (the original interface: eps)."""
-  return getattr(model, "prediction", "eps")
+  """What the model's output is, "eps" or "x0" (the original interface: eps; "x0_residual"
+  outputs x0 too)."""
+  prediction = getattr(model, "prediction", "eps")
+  return "x0" if prediction in tcunet.X0_PREDICTIONS else prediction
 
 
 def _head(model) -> str:

@@ -86,10 +86,13 @@ def evaluate_episodes(fn: Callable[[episodes_lib.Episodes], Any],
   return jax.tree_util.tree_map(lambda *xs: np.concatenate(xs), *parts)
 
 
-@functools.partial(jax.jit, static_argnames=("ways",))
+@functools.partial(jax.jit, static_argnames=("ways", "transductive_steps"))
 def prototype_accuracy(features_dev, support_idx, support_labels, query_idx, query_labels,
-                       ways: int):
-  """[B] query accuracy of class-mean prototypes under 10 x cosine (the pretrain check).
+                       ways: int, shrinkage=None, transductive_steps: int = 0):
+  """[B] query accuracy of class-mean prototypes under 10 x cosine (the pretrain check), or,
+  where `shrinkage` (a `prototypes.LinearShrinkage`) is given, of the shrunk class means;
+  `transductive_steps` > 0 then refines them with the episode's unlabelled queries
+  (`prototypes.refine_with_queries`).
 
   Args:
     features_dev: [n, D] the split's features.
@@ -99,18 +102,27 @@ def prototype_accuracy(features_dev, support_idx, support_labels, query_idx, que
   """
   support, query = features.gather(features_dev, support_idx, query_idx)
   protos = jax.vmap(prototypes.class_means, (0, 0, None))(support, support_labels, ways)
+  if shrinkage is not None:
+    protos = shrinkage(protos)
+  if transductive_steps:
+    protos = jax.vmap(functools.partial(prototypes.refine_with_queries,
+                                        steps=transductive_steps))(
+        protos, support, support_labels, query)
   return jax.vmap(functools.partial(heads.accuracy, "prototype"))(protos, query, query_labels)
 
 
 def class_mean_accuracy(features_dev, sampler: episodes_lib.EpisodeSampler, count: int,
-                        batch: int) -> np.ndarray:
+                        batch: int, shrinkage=None, transductive_steps: int = 0) -> np.ndarray:
   """[count] accuracy of class-mean prototypes (10 x cosine) on the sampler's episodes.
 
   Args:
     features_dev: [n, D] the split's features on the devices (`mesh.replicate`).
     sampler, count, batch: as `evaluate_episodes`.
+    shrinkage: None, or a `prototypes.LinearShrinkage` applied to the class means.
+    transductive_steps: soft k-means rounds over the queries after that (0: inductive).
   """
   return evaluate_episodes(
       lambda e: prototype_accuracy(features_dev, e.support, e.support_labels, e.query,
-                                   e.query_labels, ways=sampler.ways),
+                                   e.query_labels, ways=sampler.ways, shrinkage=shrinkage,
+                                   transductive_steps=transductive_steps),
       sampler, count, batch)

@@ -151,3 +151,76 @@ def _reduction_factor(reduction: str, num_support, num_classes):
   if reduction == "shot_mean":
     return num_classes / num_support
   raise ValueError(f"unknown support-loss reduction {reduction!r}: use one of {REDUCTIONS}")
+
+
+class LinearShrinkage(NamedTuple):
+  """Prototypes mu + (m_hat - mu) A from support class means m_hat (`fit_linear_shrinkage`).
+
+  Attributes:
+    center: [D] mu, the mean of the base classes' means.
+    matrix: [D, D] A.
+  """
+
+  center: jnp.ndarray
+  matrix: jnp.ndarray
+
+  def __call__(self, means):
+    """[..., N, D] the shrunk prototypes of support class means [..., N, D]."""
+    return self.center + jnp.matmul(means - self.center, self.matrix, precision="highest")
+
+
+def fit_linear_shrinkage(features, labels, shots: int, draws: int, l2: float,
+                         seed: int = 0) -> LinearShrinkage:
+  """The linear map that best predicts a class's mean from the mean of K of its images.
+
+  On labelled (base) features: for each class, `draws` random K-subsets of its images give
+  support means m; A minimises sum ||(m - mu) A - (t - mu)||^2 + l2 n ||A||^2 over the n draws,
+  t their class's mean over all its images and mu the mean of the class means (a ridge
+  regression, solved in closed form in float64). It is the linear estimator of the class mean
+  that a Gaussian model of classes implies, with its statistics taken from the base classes.
+
+  Args:
+    features: [n, D] features. labels: [n] classes in [0, C), each with at least `shots` images.
+    shots: K. draws: subsets per class. l2: the ridge penalty per draw. seed: the draws' seed.
+  """
+  x = np.asarray(features, np.float64)
+  y = np.asarray(labels)
+  classes = int(y.max()) + 1
+  means = np.stack([x[y == c].mean(0) for c in range(classes)])
+  center = means.mean(0)
+  rng = np.random.default_rng(seed)
+  support, target = [], []
+  for c in range(classes):
+    members = np.flatnonzero(y == c)
+    if len(members) < shots:
+      raise ValueError(f"class {c} has {len(members)} images, fewer than {shots} shots")
+    for _ in range(draws):
+      support.append(x[rng.choice(members, shots, replace=False)].mean(0))
+      target.append(means[c])
+  m = np.stack(support) - center
+  t = np.stack(target) - center
+  gram = m.T @ m + float(l2) * len(m) * np.eye(m.shape[1])
+  matrix = np.linalg.solve(gram, m.T @ t)
+  return LinearShrinkage(jnp.asarray(center, jnp.float32), jnp.asarray(matrix, jnp.float32))
+
+
+def refine_with_queries(protos, support, labels, query, steps: int = 1, scale: float = 10.0):
+  """Transductive prototypes: `steps` rounds of soft k-means over the unlabelled queries.
+
+  Each round assigns every query [Q, D] to the classes by the softmax of its 10 x cosine
+  logits against the current prototypes [N, D], and sets each prototype to the mean of its
+  support images and its queries weighted by those assignments, all on unit-norm features
+  (the classifier reads directions only). It reads the episode's queries, so it changes the
+  setting from inductive to transductive.
+  """
+  n = protos.shape[0]
+  unit = lambda x: x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+  onehot = jax.nn.one_hot(labels, n, dtype=jnp.float32)  # [S, N]
+  sums, counts = onehot.T @ unit(support), onehot.sum(0)
+  q = unit(query)
+
+  def one(p, _):
+    r = jax.nn.softmax(cosine_logits(query, p, scale), axis=-1)  # [Q, N]
+    return (sums + r.T @ q) / (counts + r.sum(0))[:, None], None
+
+  return jax.lax.scan(one, protos, None, length=steps)[0]

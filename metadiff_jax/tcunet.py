@@ -45,8 +45,11 @@ Stabilised variants (docs/STABILITY.md), also attributes; the defaults are the o
   it must predict, eps = (w_t - sqrt(abar_t) w_0) / sqrt(1 - abar_t), depends on it.
 - `prediction`: what the network's output means. "eps" (Eq. 12): the noise. "x0": the clean
   weights w_0; training regresses w_0 and the sampler turns the output into the noise it
-  implies, eps = (w_t - sqrt(abar_t) x0) / sqrt(1 - abar_t) (`diffusion`). The network is
-  the same either way.
+  implies, eps = (w_t - sqrt(abar_t) x0) / sqrt(1 - abar_t) (`diffusion`). "x0_residual"
+  (prototype head only): x0 too, read as the support class means plus what the network adds
+  to the skip connection, x0 = m_hat + (out - g) = m_hat + (1 - s) x5' with x5' = P5(x4) E5,
+  so the support means are the prior and the layers learn a correction to them. The network
+  is the same in all three.
 
 `condition` computes, once per episode, what the gradient needs of the support set; the
 sampler hands it to `support_gradient` at every step.
@@ -67,7 +70,11 @@ from metadiff_jax.errors import ConfigError
 
 GRADIENTS = ("l2", "cosine_ce")
 INPUTS = ("gradient", "weights", "means")
-PREDICTIONS = ("eps", "x0")
+PREDICTIONS = ("eps", "x0", "x0_residual", "x0_linear_prior")
+# The predictions whose output is the clean weights w_0 (the sampler and the loss read it so),
+# and those that add the network's output to a prior built from the support class means.
+X0_PREDICTIONS = ("x0", "x0_residual", "x0_linear_prior")
+RESIDUAL_PREDICTIONS = ("x0_residual", "x0_linear_prior")
 
 
 def _torch_linear_bias_init(fan_in: int):
@@ -113,6 +120,9 @@ def check_variant(head: str, gradient: str, inputs=("gradient",), prediction="ep
                      "the linear head can add 'weights' only")
   if prediction not in PREDICTIONS:
     raise ValueError(f"unknown prediction {prediction!r}: use one of {PREDICTIONS}")
+  if prediction in RESIDUAL_PREDICTIONS and head != "prototype":
+    raise ValueError(f"prediction {prediction!r} adds the network's correction to the support "
+                     "class means, prototype-head weights: use 'eps' or 'x0' with the linear head")
 
 
 def check_config(denoiser) -> None:
@@ -264,6 +274,9 @@ class TCUNet(nn.Module):
     self.proto_inf3, self.time_emb3 = dense(h2, h2), dense(h2, e)
     self.proto_inf4, self.time_emb4 = dense(h1, h2), dense(h1, e)
     self.proto_inf5, self.time_emb5 = dense(d, h1), dense(d, e)
+    if self.prediction == "x0_linear_prior":
+      self.prior_kernel = self.param("prior_kernel", nn.initializers.zeros, (d, d))
+      self.prior_bias = self.param("prior_bias", nn.initializers.zeros, (d,))
 
   @property
   def widths(self):
@@ -335,11 +348,7 @@ class TCUNet(nn.Module):
     if "weights" in self.inputs:
       parts.append(w_t.astype(grad.dtype))
     if "means" in self.inputs:
-      means = functools.partial(support_means, self.head, self.gradient,
-                                num_classes=w_t.shape[-2])
-      for _ in range(jnp.ndim(w_t) - 2):
-        means = jax.vmap(means)
-      parts.append(means(cond).astype(grad.dtype))
+      parts.append(self.class_means(cond, w_t.shape[-2], jnp.ndim(w_t)).astype(grad.dtype))
     x = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
     return x if self.dtype is None else x.astype(self.dtype)
 
@@ -417,8 +426,36 @@ class TCUNet(nn.Module):
     """
     grad = self.support_gradient(w_t, cond)
     if self.inputs == ("gradient",):  # the original: the layers cast g themselves
-      return self.from_gradient_and_time(grad, time)
-    return self.from_gradient_and_time(grad, time, self.network_input(w_t, grad, cond))
+      out = self.from_gradient_and_time(grad, time)
+    else:
+      out = self.from_gradient_and_time(grad, time, self.network_input(w_t, grad, cond))
+    if self.prediction in RESIDUAL_PREDICTIONS:
+      return self.residual_output(out, grad, self.prior(cond, w_t.shape[-2], jnp.ndim(w_t)))
+    return out
+
+  def class_means(self, cond, num_classes: int, ndim: int = 2):
+    """[..., N, D] the support class means of episodes with `ndim - 2` leading axes, from their
+    `condition`."""
+    means = functools.partial(support_means, self.head, self.gradient, num_classes=num_classes)
+    for _ in range(ndim - 2):
+      means = jax.vmap(means)
+    return means(cond)
+
+  def prior(self, cond, num_classes: int, ndim: int = 2):
+    """[..., N, D] what the residual predictions correct: the support class means m_hat
+    ("x0_residual"), or m_hat + m_hat L + c with L [D, D] and c [D] learned, from zero, with
+    the rest ("x0_linear_prior"; the optimiser's weight decay makes it a ridge regression of the
+    targets on the support means, toward leaving them as they are)."""
+    means = self.class_means(cond, num_classes, ndim)
+    if self.prediction == "x0_linear_prior":
+      means = means + jnp.matmul(means, self.prior_kernel, precision="highest") + self.prior_bias
+    return means
+
+  def residual_output(self, out, grad, means):
+    """"x0_residual": x0 = m_hat + (out - g), the correction the layers add to the skip
+    connection's g moved onto the support class means (float32 whatever the layers compute
+    in)."""
+    return means + (out.astype(jnp.float32) - grad.astype(jnp.float32))
 
   def _check_weights(self, w, name):
     if jnp.ndim(w) != 2 or jnp.shape(w)[-1] != self.feature_dim:

@@ -104,3 +104,57 @@ def test_euclidean_logits():
   query, protos = rng.standard_normal((7, 12)), rng.standard_normal((3, 12))
   expected = -((query[:, None] - protos[None]) ** 2).sum(-1)
   np.testing.assert_allclose(prototypes.euclidean_logits(query, protos), expected, rtol=1e-5)
+
+
+def _gaussian_classes(seed, classes, per, dim, between, within):
+  rng = np.random.default_rng(seed)
+  centres = 3.0 + between * rng.normal(size=(classes, dim))
+  x = centres[:, None] + within * rng.normal(size=(classes, per, dim))
+  return x.reshape(-1, dim), np.repeat(np.arange(classes), per), centres
+
+
+@pytest.mark.parametrize("shots", [1, 4])
+def test_linear_shrinkage_is_the_gaussian_posterior_mean(shots):
+  """Classes N(c, w^2 I) with centres c ~ N(m, b^2 I): the best linear estimate of a class's
+  mean from K of its images shrinks them toward m by b^2 / (b^2 + w^2 / K). The fit on base
+  classes finds that map (up to the finite draws), and on held-out classes its prototypes
+  are nearer the true means than the support means are."""
+  between, within, dim = 1.0, 1.5, 6
+  x, y, _ = _gaussian_classes(0, 400, 40, dim, between, within)
+  fit = prototypes.fit_linear_shrinkage(x, y, shots, draws=10, l2=1e-6, seed=0)
+  # The target is each class's mean over its 40 images, itself within^2 / 40 from the centre.
+  target_var = between ** 2 + within ** 2 / 40
+  want = target_var / (between ** 2 + within ** 2 / shots)
+  matrix = np.asarray(fit.matrix)
+  np.testing.assert_allclose(np.diag(matrix), want, atol=0.08)
+  assert np.abs(matrix - np.diag(np.diag(matrix))).max() < 0.08
+  np.testing.assert_allclose(np.asarray(fit.center), 3.0, atol=0.2)
+  xt, yt, centres = _gaussian_classes(1, 200, shots, dim, between, within)
+  means = xt.reshape(200, shots, dim).mean(1)
+  shrunk = np.asarray(fit(jnp.asarray(means, jnp.float32)))
+  assert np.mean((shrunk - centres) ** 2) < 0.9 * np.mean((means - centres) ** 2)
+
+
+def test_linear_shrinkage_refuses_classes_smaller_than_the_shots():
+  x, y, _ = _gaussian_classes(0, 5, 3, 4, 1.0, 1.0)
+  with pytest.raises(ValueError, match="fewer than 5 shots"):
+    prototypes.fit_linear_shrinkage(x, y, 5, draws=2, l2=1e-3)
+
+
+def test_refining_with_queries_moves_prototypes_toward_the_query_clusters():
+  """One soft k-means round over well-clustered queries pulls 1-shot prototypes, drawn far
+  from their class centres, toward them (in direction: the classifier reads cosines)."""
+  rng = np.random.default_rng(3)
+  ways, dim, queries = 4, 16, 30
+  centres = np.eye(ways, dim) * 5 + 1.0
+  support = centres + 2.0 * rng.normal(size=(ways, dim))
+  query = np.repeat(centres, queries, axis=0) + 0.3 * rng.normal(size=(ways * queries, dim))
+  labels = jnp.arange(ways)
+  protos = jnp.asarray(support, jnp.float32)
+  refined = prototypes.refine_with_queries(protos, jnp.asarray(support, jnp.float32), labels,
+                                           jnp.asarray(query, jnp.float32), steps=1)
+  cos = lambda a, b: np.sum(a * b, -1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+  assert np.all(cos(np.asarray(refined), centres) > cos(support, centres))
+  unchanged = prototypes.refine_with_queries(protos, protos, labels,
+                                             jnp.asarray(query, jnp.float32), steps=0)
+  np.testing.assert_array_equal(np.asarray(unchanged), np.asarray(protos))

@@ -86,12 +86,20 @@ def _python_loop(model, variables, sched, w, support, labels, sampler="original"
     (("gradient",), "eps", "ddim"), (("gradient",), "eps", "ddpm"),
     (("gradient", "weights"), "eps", "original"), (("gradient", "means"), "eps", "ddim"),
     (("gradient",), "x0", "original"), (("gradient", "weights", "means"), "x0", "ddpm"),
+    (("gradient", "weights"), "x0_residual", "original"), (("gradient",), "x0_residual", "ddim"),
+    (("gradient", "weights"), "x0_linear_prior", "original"),
+    (("gradient", "means"), "x0_linear_prior", "ddpm"),
 ])
 def test_the_sampler_of_each_variant_equals_a_python_loop(inputs, prediction, sampler):
   dim, ways, shots, episodes = 8, 3, 2, 2
   model = tcunet.TCUNet(feature_dim=dim, hidden_dims=(6, 4), time_embed_dim=8, inputs=inputs,
                         prediction=prediction)
   variables = _init(model, ways, shots)
+  if prediction == "x0_linear_prior":  # a prior that is not the identity (it starts at it)
+    params = dict(variables["params"])
+    params["prior_kernel"] = 0.1 * jax.random.normal(jax.random.key(3), (dim, dim))
+    params["prior_bias"] = jnp.full((dim,), 0.5)
+    variables = {"params": params}
   sched = schedule.respace(schedule.linear(num_steps=40), 8)
   rng = np.random.default_rng(1)
   support, labels = _episodes(rng, episodes, ways, shots, dim)
@@ -122,6 +130,42 @@ def test_every_update_lands_on_w0_under_an_exact_denoiser(sampler, prediction):
   tol = 0.1 if sampler == "ddpm" else 1e-3
   np.testing.assert_allclose(w, w0, atol=tol * 3)
   assert s[0] == 0 and (np.all(s == 0) or sampler == "ddpm")
+
+
+def test_the_residual_predictions_correct_the_support_means():
+  """x0 = m_hat + (out - g) for "x0_residual", and m_hat + m_hat L + c + (out - g) for
+  "x0_linear_prior", with `out` the eps-model's output under the same layers."""
+  dim, ways, shots = 8, 3, 2
+  inputs = ("gradient", "weights")
+  kwargs = dict(feature_dim=dim, hidden_dims=(6, 4), time_embed_dim=8, inputs=inputs,
+                loss_reduction="shot_mean")
+  eps_model = tcunet.TCUNet(**kwargs)
+  residual = tcunet.TCUNet(**kwargs, prediction="x0_residual")
+  linear = tcunet.TCUNet(**kwargs, prediction="x0_linear_prior")
+  variables = _init(eps_model, ways, shots)
+  rng = np.random.default_rng(4)
+  support, labels = _episodes(rng, 1, ways, shots, dim)
+  w = jnp.asarray(rng.normal(size=(ways, dim)), jnp.float32)
+  means = support[0].reshape(ways, shots, dim).mean(1)
+  out = eps_model.apply(variables, w, 7, support[0], labels[0])
+  grad = 2 * (w - means)  # shot_mean: 2 (w - m_hat) per class
+  want = means + out - grad
+  np.testing.assert_allclose(np.asarray(residual.apply(variables, w, 7, support[0], labels[0])),
+                             np.asarray(want), rtol=1e-5, atol=1e-5)
+  # The linear prior starts at the identity (L = 0, c = 0), and is m_hat (I + L) + c after.
+  lin_vars = _init(linear, ways, shots)
+  assert set(lin_vars["params"]) == set(variables["params"]) | {"prior_kernel", "prior_bias"}
+  assert not np.any(lin_vars["params"]["prior_kernel"]) and not np.any(
+      lin_vars["params"]["prior_bias"])
+  kernel = jnp.asarray(rng.normal(size=(dim, dim)) * 0.1, jnp.float32)
+  bias = jnp.asarray(rng.normal(size=dim), jnp.float32)
+  params = {**variables["params"], "prior_kernel": kernel, "prior_bias": bias}
+  got = linear.apply({"params": params}, w, 7, support[0], labels[0])
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want + means @ kernel + bias),
+                             rtol=1e-4, atol=1e-4)
+  # Prototype weights only: the linear head has no class means to correct.
+  with pytest.raises(ValueError, match="prototype-head weights"):
+    tcunet.TCUNet(feature_dim=dim + 1, head="linear", prediction="x0_residual")
 
 
 def test_ddpm_noise_is_drawn_per_episode_from_its_key():
@@ -254,6 +298,32 @@ def test_variant_presets_set_and_name_the_fields():
     config_lib.apply_variant(config, "stable")
 
 
+def test_the_default_samples_a_linear_prior_in_ten_steps_and_its_ablations_predict_noise():
+  from metadiff_jax.stages import analysis
+  config = config_lib.base_config()
+  assert config_lib.RECOMMENDED == "linear_prior"
+  assert config.denoiser.prediction == "x0_linear_prior"
+  assert config.diffusion.num_sampling_steps == 10 and config.diffusion.feature_rms == 1.0
+  config_lib.apply_variant(config, "linear_prior_full")
+  assert config.diffusion.num_sampling_steps is None
+  config_lib.apply_variant(config, "linear_prior")
+  # Table 3's w/o UNet has no layers and Table 4's linear head no class means to correct:
+  # those ablations predict the noise; the cosine-CE one keeps the default's prediction.
+  assert analysis.variant_config(config, "no_unet").denoiser.prediction == "eps"
+  assert analysis.variant_config(config, "linear_metadiff").denoiser.prediction == "eps"
+  assert analysis.variant_config(config, "cosine_ce").denoiser.prediction == "x0_linear_prior"
+  # Rows of other lengths, and the directory of a denoiser validated with respaced steps.
+  config.stability.lengths = (500,)
+  config.stability.length_variants = ("linear_prior",)
+  rows = stability.rows_of(config)
+  assert ("linear_prior@steps=500", "linear_prior", 1e-4, 500) in rows
+  long = stability.variant_config(config, "linear_prior", 1e-4, 500)
+  assert long.train.steps == 500 and long.train.val_every_steps == 25
+  assert long.train.checkpoint_every_steps == 25
+  assert stability.denoiser_dir("/w", long, 1).endswith(
+      "gradient+weights_x0_linear_prior_sum_rms1_k10_lr0.0001_steps500")
+
+
 def test_feature_rescaling_and_its_targets(tmp_path):
   config = config_lib.base_config()
   config_lib.apply_variant(config, "normalized")
@@ -282,6 +352,13 @@ TINY_STABILITY = [
     "--config.stability.diagnostic_episodes=8", "--config.stability.diagnostic_buckets=5",
     "--config.stability.trajectory_every=2", "--config.stability.learning_rates=(1e-3,)",
     "--config.stability.val_every_steps=5",
+    # A subset of the variants, one of each kind (the unit tests above cover every sampler
+    # and prediction): sampler-only, another input, rescaled features, the shot mean, and the
+    # default (x0 with a learned linear prior, respaced), also trained twice as long.
+    "--config.stability.variants=('faithful', 'ddpm', 'weights', 'weights_normalized', "
+    "'weights_normalized_shot_mean', 'linear_prior')",
+    "--config.stability.lr_variants=('faithful', 'weights_normalized')",
+    "--config.stability.lengths=(20,)",
 ]
 
 
@@ -297,22 +374,29 @@ def test_every_variant_trains_samples_and_is_reported(studied):
   assert_written(out, ("stability.md", "stability.json", "1shot.png"))
   report = json.load(open(os.path.join(out, "stability.json")))
   rows = report["results"]["1"]
-  variants = config_lib.base_config().stability.variants
-  extra = ("faithful@lr=0.001", "weights_normalized@lr=0.001",
-           "weights_normalized_shot_mean@lr=0.001")
-  assert set(rows) == {"class_means", *variants, *extra}
-  for name in (*variants, *extra):
+  variants = ("faithful", "ddpm", "weights", "weights_normalized",
+              "weights_normalized_shot_mean", "linear_prior")
+  extra = ("faithful@lr=0.001", "weights_normalized@lr=0.001")
+  assert set(rows) == {"class_means", "shrinkage", "transductive", "shrinkage_transductive",
+                       *variants, *extra,
+                       "linear_prior@steps=20"}
+  for name in (*variants, *extra, "linear_prior@steps=20"):
     r = rows[name]
     for which in ("best", "last", "untrained"):
       assert r[which]["n"] == 16 and 0.0 <= r[which]["mean"] <= 1.0, (name, which)
       assert np.isfinite(r[which]["norm_ratio"]), (name, which)
-    assert r["training"]["steps"] == [5, 10], name  # validated every 5 of 10 steps
-    assert r["last_step"] == 10 and r["best_step"] in (0, 5, 10)
-    assert len(r["trajectory"]["norm_ratio"]) == 6  # T = 10, every 2 steps
+    if name.endswith("@steps=20"):  # every 20 / 20 steps, at the 5-step calls' ends
+      assert r["training"]["steps"] == [5, 10, 15, 20] and r["last_step"] == 20
+    else:
+      assert r["training"]["steps"] == [5, 10], name  # validated every 5 of 10 steps
+      assert r["last_step"] == 10 and r["best_step"] in (0, 5, 10)
+    # T = 10 reverse steps, a point every 2 (the default samples in 10 respaced ones too).
+    assert len(r["trajectory"]["norm_ratio"]) == 6
     assert len(r["noise_error"]["last"]) == 5
+  assert 0.0 <= rows["shrinkage"]["mean"] <= 1.0 and rows["shrinkage"]["n"] == 16
   # Variants that change only the sampler share the faithful denoiser, and so does the
   # class-mean row's reference; the sampler changes the numbers' settings.
-  for name in ("ddpm", "ddim"):
+  for name in ("ddpm",):
     assert rows[name]["settings"]["denoisers"] == rows["faithful"]["settings"]["denoisers"]
   assert rows["weights"]["settings"]["denoisers"] != rows["faithful"]["settings"]["denoisers"]
   # At 1-shot the per-class mean of Eq. 11 is its sum: one denoiser serves both rows.
@@ -321,6 +405,7 @@ def test_every_variant_trains_samples_and_is_reported(studied):
   assert rows["faithful@lr=0.001"]["settings"]["learning_rate"] == 0.001
   text = open(os.path.join(out, "stability.md")).read()
   assert "| class-mean prototypes |" in text and "| faithful@lr=0.001 |" in text
+  assert "| linear shrinkage (no diffusion) |" in text and "| linear_prior@steps=20 |" in text
   assert "| class-mean prototypes |" in proc.stdout
 
 
@@ -426,3 +511,31 @@ def test_the_shot_mean_support_loss_does_not_grow_with_shots():
     sums = prototypes.support_loss_grad(w, support, labels, "sum")
     np.testing.assert_allclose(np.asarray(sums), shots * np.asarray(grad), rtol=1e-5,
                                atol=1e-5)
+
+
+def test_the_screening_script_trains_and_compares_the_candidates(studied, data_dir, tmp_path):
+  """benchmarks/stability_screen.py on the study's workdir: held-out targets, respaced
+  samplers, averaged samples and the prior alone, written as JSON and Markdown."""
+  import pathlib  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  repo = pathlib.Path(__file__).parent.parent
+  sys.path.insert(0, str(repo / "benchmarks"))
+  import stability_screen  # pylint: disable=g-import-not-at-top
+  workdir, _ = studied
+  out = tmp_path / "screen.json"
+  result = stability_screen.main([
+      "--config", str(repo / "configs" / "glyphs_conv4.py"), "--config_arg", "tiny=1",
+      "--override", f"data.data_dir={data_dir}", "--workdir", workdir, "--steps", "4",
+      "--every", "2", "--episodes", "8", "--targets", "held_out", "--sampling_steps", "1,T",
+      "--average", "1,2", "--out", str(out)])
+  assert [c["step"] for c in result["curve"]] == [0, 2, 4]
+  assert set(result["final"]) == {"sampling_steps=1", "sampling_steps=T", "average=1",
+                                  "average=2", "prior_only"}
+  for r in (*result["final"].values(), *(c["accuracy"] for c in result["curve"])):
+    assert r["n"] == 8 and 0.0 <= r["mean"] <= 1.0
+  # One sample from the evaluation's own w_T is the evaluation, in another compiled program:
+  # equal up to queries whose two best scores the rounding can swap.
+  assert abs(result["final"]["average=1"]["mean"] - result["curve"][-1]["accuracy"]["mean"]) \
+      < 0.05
+  assert json.loads(out.read_text())["targets"] == "held_out"
+  assert "| prior_only |" in out.with_suffix(".md").read_text()

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from metadiff_jax import (config_lib, diffusion_training, embedding, evaluator, mesh, metaopt,
-                          metrics, rng)
+                          metrics, rng, tcunet)
 from metadiff_jax import method as method_lib
 from metadiff_jax import workdir as workdir_lib
 from metadiff_jax.data import episodes as episodes_lib
@@ -268,6 +268,11 @@ def variant_config(config, row: str):
   variant = config.copy_and_resolve_references()
   for field, value in VARIANTS.get(row, {}).items():
     variant.denoiser[field] = value
+  d = variant.denoiser
+  if d.prediction in tcunet.RESIDUAL_PREDICTIONS and (not d.unet or d.head != "prototype"):
+    # A correction to the support class means needs layers and class means: w/o UNet and
+    # the linear head predict the noise, as the paper's rows do.
+    d.prediction = "eps"
   if row != "metadiff" and config.analysis.denoiser_steps is not None:
     variant.train.steps = int(config.analysis.denoiser_steps)
   return variant

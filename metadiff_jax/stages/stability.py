@@ -23,7 +23,11 @@ config.stability.learning_rates too:
    (`method.noise_error_table`);
 4. the training-length curve: the validation accuracy and norm ratio at every validation.
 
-Beside them, class-mean prototypes on the same episodes. Outputs, in WORKDIR/stability/:
+Beside them, on the same episodes, two rows without a denoiser: class-mean prototypes, and
+the class means shrunk by the linear map that best predicts a base class's mean from K of its
+images (`prototypes.fit_linear_shrinkage`, config.stability.shrinkage_*). The
+config.stability.length_variants are also trained for each of config.stability.lengths steps
+(rows "<variant>@steps=<n>", validated and checkpointed every n / 20 steps). Outputs, in WORKDIR/stability/:
 stability.md (the tables), stability.json (everything), <K>shot.png (training length, the
 trajectory's norm ratio and the noise error per step range), and one JSON per row under
 <K>shot/, reused when its settings have not changed. docs/STABILITY.md is what it found.
@@ -37,7 +41,7 @@ import jax
 import numpy as np
 
 from metadiff_jax import (checkpoint, config_lib, diffusion_training, embedding, evaluator, mesh,
-                          method, metrics, rng)
+                          method, metrics, prototypes, rng)
 from metadiff_jax import workdir as workdir_lib
 from metadiff_jax.data import episodes as episodes_lib
 from metadiff_jax.data import features
@@ -64,6 +68,21 @@ DESCRIPTIONS = {
     "weights_normalized_shot_mean": "weights + normalized, and g from the support loss "
                                     "averaged within each class, 2 (w_t - m_hat) whatever K "
                                     "(the same as weights_normalized at 1-shot)",
+    "residual": "weights_normalized_shot_mean with x0-prediction as a correction to the "
+                "support means: x0 = m_hat + (TCUNet output - g)",
+    "linear_prior": "residual with a learned linear prior: x0 = m_hat + m_hat L + c + "
+                    "(TCUNet output - g), L and c trained with the rest from zero; sampled in "
+                    "10 respaced steps",
+    "linear_prior_full": "linear_prior sampled in all T steps",
+}
+# The rows without a denoiser, beside the variants.
+REFERENCE_ROWS = {
+    "class_means": "class-mean prototypes",
+    "shrinkage": "class means shrunk by the linear map fit on the base classes "
+                 "(prototypes.fit_linear_shrinkage), no diffusion",
+    "transductive": "transductive: class means refined by soft k-means over the episode's "
+                    "unlabelled queries (prototypes.refine_with_queries)",
+    "shrinkage_transductive": "transductive: the shrunk class means refined so",
 }
 
 
@@ -75,23 +94,29 @@ def shots_of(config) -> tuple[int, ...]:
   return tuple(int(k) for k in (config.stability.shots or config_lib.eval_shots(config)))
 
 
-def row_name(variant: str, learning_rate: float, default_rate: float) -> str:
-  """A row's name: the variant, with its learning rate where it is not the config's."""
-  return variant if learning_rate == default_rate else f"{variant}@lr={learning_rate:g}"
+def row_name(variant: str, learning_rate: float, default_rate: float,
+             steps: int | None = None) -> str:
+  """A row's name: the variant, with its learning rate where it is not the config's and its
+  training steps where they are not the study's."""
+  name = variant if learning_rate == default_rate else f"{variant}@lr={learning_rate:g}"
+  return name if steps is None else f"{name}@steps={int(steps)}"
 
 
-def rows_of(config) -> list[tuple[str, str, float]]:
-  """(row, variant, learning rate) of every row, in table order."""
+def rows_of(config) -> list[tuple[str, str, float, int | None]]:
+  """(row, variant, learning rate, training steps or None for the study's) of every row, in
+  table order."""
   s, lr = config.stability, float(config.train.learning_rate)
   rows = []
   for name in s.variants:
     rates = [lr] + ([float(r) for r in s.learning_rates if float(r) != lr]
                     if name in s.lr_variants else [])
-    rows += [(row_name(name, r, lr), name, r) for r in rates]
+    rows += [(row_name(name, r, lr), name, r, None) for r in rates]
+    if name in s.length_variants:
+      rows += [(row_name(name, lr, lr, n), name, lr, int(n)) for n in s.lengths]
   return rows
 
 
-def variant_config(config, variant: str, learning_rate: float):
+def variant_config(config, variant: str, learning_rate: float, steps: int | None = None):
   """The config of one row: the variant's fields, its learning rate and training steps."""
   out = config.copy_and_resolve_references()
   config_lib.apply_variant(out, variant)
@@ -99,6 +124,9 @@ def variant_config(config, variant: str, learning_rate: float):
   for field in ("steps", "val_every_steps", "checkpoint_every_steps", "val_episodes"):
     if config.stability[field] is not None:
       out.train[field] = int(config.stability[field])
+  if steps is not None:  # a length row: validated and checkpointed 20 times
+    out.train.steps = int(steps)
+    out.train.val_every_steps = out.train.checkpoint_every_steps = max(int(steps) // 20, 1)
   return out
 
 
@@ -111,6 +139,8 @@ def denoiser_dir(root: str, vconfig, shots: int) -> str:
   name = "+".join(d.inputs) + f"_{d.prediction}_{reduction}"
   if diff.feature_rms is not None:
     name += f"_rms{float(diff.feature_rms):g}"
+  if diff.num_sampling_steps is not None:  # validation, and so the best checkpoint, uses it
+    name += f"_k{int(diff.num_sampling_steps)}"
   name += f"_lr{float(vconfig.train.learning_rate):g}_steps{int(vconfig.train.steps)}"
   return os.path.join(stability_dir(root), "denoisers", name)
 
@@ -161,19 +191,44 @@ def study_shot(config, root: str, shots: int, raw: dict) -> dict:
                                 {**common_settings, **settings}, compute,
                                 f"stability {shots}-shot {row}")
 
-  results = {"class_means": cached("class_means", {}, lambda: metrics.summarize(
-      evaluator.class_mean_accuracy(mesh.replicate(raw["test"].features), sampler, count,
-                                    e.batch_episodes)))}
-  for row, variant, rate in rows_of(config):
+  test_dev = mesh.replicate(raw["test"].features)
+  s = config.stability
+
+  shrinkage_settings = {"base": raw["train"].key, "draws": int(s.shrinkage_draws),
+                        "l2": float(s.shrinkage_l2)}
+
+  def reference(shrink: bool, transductive_steps: int = 0):
+    fit = None
+    if shrink:
+      base = raw["train"]
+      fit = mesh.replicate(prototypes.fit_linear_shrinkage(
+          base.features, base.labels, shots, int(s.shrinkage_draws), float(s.shrinkage_l2),
+          config.seed))
+    return lambda: metrics.summarize(evaluator.class_mean_accuracy(
+        test_dev, sampler, count, e.batch_episodes, shrinkage=fit,
+        transductive_steps=transductive_steps))
+
+  results = {
+      "class_means": cached("class_means", {}, reference(False)),
+      "shrinkage": cached("shrinkage", shrinkage_settings, reference(True))}
+  if s.transductive_steps:
+    steps = {"transductive_steps": int(s.transductive_steps)}
+    results["transductive"] = cached("transductive", steps,
+                                     reference(False, int(s.transductive_steps)))
+    results["shrinkage_transductive"] = cached(
+        "shrinkage_transductive", {**shrinkage_settings, **steps},
+        reference(True, int(s.transductive_steps)))
+  for row, variant, rate, steps in rows_of(config):
     results[row] = variant_row(config, root, variant, rate, shots, raw, sampler, count, key,
-                               cached)
+                               cached, steps=steps, row=row)
   return results
 
 
-def variant_row(config, root, variant, rate, shots, raw, sampler, count, key, cached) -> dict:
+def variant_row(config, root, variant, rate, shots, raw, sampler, count, key, cached,
+                steps=None, row=None) -> dict:
   """Trains (or resumes) one row's denoiser and measures it (see the module docstring)."""
   s = config.stability
-  vconfig = variant_config(config, variant, rate)
+  vconfig = variant_config(config, variant, rate, steps)
   data = {split: embedding.diffusion_features(vconfig, fs) for split, fs in raw.items()}
   dim = int(data["train"].features.shape[1])
   where = denoiser_dir(root, vconfig, shots)
@@ -238,7 +293,8 @@ def variant_row(config, root, variant, rate, shots, raw, sampler, count, key, ca
         "loss": [r["loss"] for r in records if "loss" in r]}
     return result
 
-  return cached(row_name(variant, rate, float(config.train.learning_rate)), settings, compute)
+  return cached(row or row_name(variant, rate, float(config.train.learning_rate)), settings,
+                compute)
 
 
 def _last_state(where: str, shots: int, init):
@@ -293,16 +349,23 @@ def report_markdown(config, results: dict) -> str:
               "| Variant | best | (step) | last | norm ratio, last | untrained | "
               "norm ratio, untrained |", "|---|---|---|---|---|---|---|",
               f"| class-mean prototypes | {_cell(rows['class_means'])} | | | 1 | | |"]
+    if "shrinkage" in rows:
+      lines.append(f"| linear shrinkage (no diffusion) | {_cell(rows['shrinkage'])} | | | | | |")
     for name, r in rows.items():
-      if name == "class_means":
+      if name in REFERENCE_ROWS:
         continue
       lines.append(f"| {name} | {_cell(r['best'])} | {r['best_step']} | {_cell(r['last'])} "
                    f"| {r['last']['norm_ratio']:.3g} | {_cell(r['untrained'])} | "
                    f"{r['untrained']['norm_ratio']:.3g} |")
+    if "transductive" in rows:
+      lines += ["", "Transductive rows (they also read the episode's unlabelled queries, another "
+                f"setting; {int(config.stability.transductive_steps)} soft k-means round(s)): "
+                f"class means {_cell(rows['transductive'])}, linear shrinkage "
+                f"{_cell(rows['shrinkage_transductive'])}."]
     lines += ["", f"### Training length, {shots}-shot: validation accuracy (%) and norm ratio",
               "", "Validation (with the original update) every few hundred steps; the rows "
               "that change only the sampler share the faithful denoiser and its curve.", ""]
-    named = [(n, r) for n, r in rows.items() if n != "class_means"
+    named = [(n, r) for n, r in rows.items() if n not in REFERENCE_ROWS
              and r["settings"]["sampler"]["update"] == "original"]
     steps = sorted({st for _, r in named for st in r["training"]["steps"]})
     lines += ["| Variant | " + " | ".join(str(st) for st in steps) + " |",
@@ -314,7 +377,7 @@ def report_markdown(config, results: dict) -> str:
                for st in steps]
       lines.append(f"| {n} | " + " | ".join(cells) + " |")
     errors = [(n, r["noise_error"]) for n, r in rows.items()
-              if n != "class_means" and "noise_error" in r
+              if n not in REFERENCE_ROWS and "noise_error" in r
               and r["settings"]["sampler"]["update"] == "original"]
     if errors:
       first = errors[0][1]
@@ -341,7 +404,7 @@ def plot_shot(rows: dict, path: str, title: str) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
   fig = Figure(figsize=(18, 5), layout="constrained")
   ax_val, ax_traj, ax_err = fig.subplots(1, 3)
-  named = [(n, r) for n, r in rows.items() if n != "class_means"]
+  named = [(n, r) for n, r in rows.items() if n not in REFERENCE_ROWS]
   colors = matplotlib.colormaps["tab20"].colors
   for i, (n, r) in enumerate(named):
     style = {"color": colors[i % len(colors)], "label": n,
