@@ -11,8 +11,8 @@ workdir reuses its backbone, feature cache and denoisers), then the analysis sta
 table4.md, fig4_memory.png, fig5_convergence.png and their JSON. docs/REPRODUCTION.md shows
 what it found on the glyph dataset and the commands for miniImageNet and tieredImageNet.
 
-It analyses the variant that pipeline config runs (the recommended one,
-`weights_normalized_shot_mean`), so that the command above works right after the README's
+It analyses the variant that pipeline config runs (the recommended one, `linear_prior`,
+sampled in 10 respaced steps, so its Figure 5 curve has the points of those 10 steps), so that the command above works right after the README's
 demo in the same workdir: only the stage list and `config.analysis` differ from the demo's
 config, and they concern the analysis stage alone. `variant=NAME` analyses another variant;
 its denoisers differ from the demo's, so give it a workdir of its own (or one where the
