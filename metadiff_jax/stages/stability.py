@@ -35,6 +35,7 @@ trajectory's norm ratio and the noise error per step range), and one JSON per ro
 
 from __future__ import annotations
 
+import functools
 import os
 
 import jax
@@ -197,15 +198,17 @@ def study_shot(config, root: str, shots: int, raw: dict) -> dict:
   shrinkage_settings = {"base": raw["train"].key, "draws": int(s.shrinkage_draws),
                         "l2": float(s.shrinkage_l2)}
 
+  @functools.cache
+  def shrinkage():
+    """The linear shrinkage fit once, where a row that needs it is not cached."""
+    base = raw["train"]
+    return mesh.replicate(prototypes.fit_linear_shrinkage(
+        base.features, base.labels, shots, int(s.shrinkage_draws), float(s.shrinkage_l2),
+        config.seed))
+
   def reference(shrink: bool, transductive_steps: int = 0):
-    fit = None
-    if shrink:
-      base = raw["train"]
-      fit = mesh.replicate(prototypes.fit_linear_shrinkage(
-          base.features, base.labels, shots, int(s.shrinkage_draws), float(s.shrinkage_l2),
-          config.seed))
     return lambda: metrics.summarize(evaluator.class_mean_accuracy(
-        test_dev, sampler, count, e.batch_episodes, shrinkage=fit,
+        test_dev, sampler, count, e.batch_episodes, shrinkage=shrinkage() if shrink else None,
         transductive_steps=transductive_steps))
 
   results = {
@@ -220,12 +223,12 @@ def study_shot(config, root: str, shots: int, raw: dict) -> dict:
         reference(True, int(s.transductive_steps)))
   for row, variant, rate, steps in rows_of(config):
     results[row] = variant_row(config, root, variant, rate, shots, raw, sampler, count, key,
-                               cached, steps=steps, row=row)
+                               cached, steps=steps)
   return results
 
 
 def variant_row(config, root, variant, rate, shots, raw, sampler, count, key, cached,
-                steps=None, row=None) -> dict:
+                steps=None) -> dict:
   """Trains (or resumes) one row's denoiser and measures it (see the module docstring)."""
   s = config.stability
   vconfig = variant_config(config, variant, rate, steps)
@@ -293,7 +296,7 @@ def variant_row(config, root, variant, rate, shots, raw, sampler, count, key, ca
         "loss": [r["loss"] for r in records if "loss" in r]}
     return result
 
-  return cached(row or row_name(variant, rate, float(config.train.learning_rate)), settings,
+  return cached(row_name(variant, rate, float(config.train.learning_rate), steps), settings,
                 compute)
 
 
